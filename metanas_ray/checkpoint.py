@@ -1,0 +1,70 @@
+"""Checkpoints: everything needed to continue a run bit-identically, in one ``torch.save`` file.
+
+A checkpoint holds the meta-step count, the meta-parameters (w_meta, α_meta), the meta-optimizer state, the
+metrics rows logged so far, the torch RNG state and the resolved config. It contains only tensors and plain
+Python values and is always read with ``weights_only=True``. Writes are atomic (temporary file, then rename).
+"""
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = 1
+_NAME = re.compile(r"^step_(\d{7})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or not a metanas_ray checkpoint."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}.pt"
+
+
+def save(path: str | Path, payload: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    torch.save({"format": FORMAT, **payload}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, corrupt, or holding objects that weights_only refuses
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e})") from None
+    needed = ("format", "step", "state", "meta_optimizer", "metrics", "config")
+    if not isinstance(payload, dict) or any(k not in payload for k in needed):
+        raise CheckpointError(f"{path} is not a metanas_ray checkpoint (expected keys {', '.join(needed)})")
+    if payload["format"] != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {payload['format']}, this version reads {FORMAT}")
+    return payload
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Checkpoints in ``directory``, oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if _NAME.match(p.name))
+
+
+def latest(directory: str | Path) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def prune(directory: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    for old in list_checkpoints(directory)[:-keep]:
+        old.unlink(missing_ok=True)

@@ -1,0 +1,349 @@
+"""One frozen config for a MetaNAS run, filled from YAML and ``--set key=value`` overrides.
+
+Sections mirror the paper's pieces: ``data`` (the N-way k-shot tasks), ``model`` (the DARTS supernet),
+``task`` (the task-learner Φ^k: λ_task, ξ_task, τ_α/τ_β annealing), ``meta`` (the meta-learner: REPTILE or
+first-order MAML), ``eval`` (meta-validation and Algorithm 3) and ``run`` / ``scale`` (seed, steps, workers).
+
+Keys are addressed with dots everywhere (YAML nesting, ``--set task.lr_w=0.1``, Tune search spaces).
+Unknown keys and out-of-range values raise :class:`ConfigError` with the offending key in the message.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "omniglot"  # omniglot | miniimagenet | folder | synthetic
+    root: str = "data/omniglot"  # --data-root; for omniglot: zips or unpacked folders
+    download: bool = True  # omniglot only: fetch the official zips when absent
+    n_way: int = 20  # N classes per task
+    k_shot: int = 1  # k training images per class (the task's D_train)
+    n_query: int = 5  # q query images per class (the task's D_test)
+    image_size: int = 28  # images are resized once to image_size × image_size
+    synthetic_classes: int = 40  # synthetic only: classes per split (train/val/test)
+    synthetic_per_class: int = 12  # synthetic only: images per class
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "supernet"  # supernet (MetaNAS) | conv4 (the MAML/REPTILE baseline)
+    init_channels: int = 28  # C of the first cell
+    layers: int = 4  # number of cells
+    nodes: int = 3  # intermediate nodes per cell
+    reduction_layers: tuple[int, ...] = (1, 3)  # cell indices that halve the resolution
+    stem_multiplier: int = 3
+    channel_scale: int = 1  # channels are multiplied by this at each reduction (DARTS: 2; MetaNAS Omniglot: 1)
+    ops: tuple[str, ...] = (
+        "max_pool_3x3", "avg_pool_3x3", "skip_connect", "conv_1x5_5x1",
+        "conv_3x3", "sep_conv_3x3", "dil_conv_3x3",
+    )
+    conv4_channels: int = 64  # conv4 only: filters per layer
+    prune_threshold: float = 0.0  # mixture weights below this are skipped in the forward pass (soft-pruning)
+    channels_last: bool = True  # NHWC memory format for the convolutions (faster on CPU)
+
+
+@dataclass(frozen=True)
+class TaskLearnerConfig:
+    """The task-learner Φ^k: k first-order DARTS steps per task."""
+
+    steps: int = 5  # k, inner steps during meta-training
+    lr_w: float = 0.1  # λ_task, SGD learning rate of the weights w
+    lr_alpha: float = 0.1  # ξ_task, SGD learning rate of α and β
+    tau_alpha_start: float = 1.0  # τ_α at the first inner step
+    tau_alpha_end: float = 0.1  # τ_α at the last inner step (soft-pruning: towards 0)
+    tau_beta_start: float = 1.0  # τ_β at the first inner step
+    tau_beta_end: float = 0.1  # τ_β at the last inner step
+    tau_schedule: str = "exponential"  # exponential | linear | constant (stays at the start values)
+    grad_clip: float = 5.0  # clip the norm of each inner gradient (0: off)
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """The meta-learner: moves w_meta, α_meta towards the adapted (w*, α*)."""
+
+    algorithm: str = "reptile"  # reptile | fomaml
+    optimizer: str = "sgd"  # sgd | adam, on the meta-update direction
+    meta_batch: int = 5  # tasks per meta-step
+    lr_w: float = 1.0  # meta learning rate of w (REPTILE's ε_w)
+    lr_alpha: float = 0.6  # meta learning rate of α, β
+    anneal: str = "linear"  # linear | constant: meta learning rates decay linearly to 0 over the run
+    warmup_steps: int = 0  # meta-steps during which only w is meta-learned (α, β stay fixed)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Meta-validation during training and meta-testing (Algorithm 3) at the end."""
+
+    every: int = 50  # meta-validate every this many meta-steps (0: never)
+    val_tasks: int = 20  # tasks per meta-validation
+    test_tasks: int = 200  # tasks for the final meta-test
+    steps: int = 10  # inner steps when adapting to a meta-val / meta-test task
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    meta_steps: int = 1000
+    log_every: int = 10  # a metrics.csv row and a progress line every this many meta-steps
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    threads: int = 0  # torch threads per worker (0: cores / workers)
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """Where the meta-training loop runs (Ray Train)."""
+
+    num_workers: int = 0  # CPU workers (0: a sensible default for the machine)
+    num_gpus: int = 0  # GPU workers, one GPU each
+    address: str = ""  # a Ray cluster to join ("": RAY_ADDRESS or a local Ray on 127.0.0.1)
+    bf16: bool = False  # bf16 autocast in the inner loop (GPU only)
+    max_failures: int = 3  # restarts from the last checkpoint when a worker dies
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskLearnerConfig = field(default_factory=TaskLearnerConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def override(self, updates: dict[str, Any]) -> "Config":
+        """A copy with dotted-key updates applied (``{"task.lr_w": 0.1}``)."""
+        return from_dict(_merge(self.to_dict(), _nest(updates)))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{key}': '{p}' is a value, not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], updates: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = dict(base)
+    for key, value in updates.items():
+        if key not in out:
+            raise ConfigError(f"unknown config key '{prefix}{key}'; known: {', '.join(sorted(base))}")
+        if isinstance(out[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{prefix}{key}' is a section; set its keys, e.g. '{prefix}{key}.<name>'")
+            out[key] = _merge(out[key], value, f"{prefix}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check/convert a YAML or command-line value to the field's declared type."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return int(as_float)
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return str(value)
+    if getattr(typ, "__origin__", None) is tuple:
+        (item_typ, _) = typ.__args__
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return tuple(_coerce(key, v, item_typ) for v in value)
+    raise ConfigError(f"config key '{key}': unsupported type {typ}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {values!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; known keys of "
+            f"'{prefix.rstrip('.') or 'config'}': {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        typ = hints[f.name]
+        if is_dataclass(typ):
+            kwargs[f.name] = _build(typ, values[f.name], f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(prefix + f.name, values[f.name], typ)
+    return cls(**kwargs)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Build and validate a Config from a (possibly partial) nested dict."""
+    return _build(Config, values or {}, "")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["task.lr_w=0.1", "data.n_way=5"]`` → ``{"task.lr_w": 0.1, "data.n_way": 5}`` (values parsed as YAML)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got '{pair}'")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML run config (``None``: the defaults) and apply dotted overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
+    values = _merge(Config().to_dict(), values)
+    if overrides:
+        values = _merge(values, _nest(overrides))
+    return from_dict(values)
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def flat_keys(cfg: Config | None = None) -> dict[str, Any]:
+    """All dotted keys with their values, e.g. ``{"task.lr_w": 0.1, ...}``."""
+    def walk(d: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(walk(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+    return walk((cfg or Config()).to_dict(), "")
+
+
+_DATASETS = ("omniglot", "miniimagenet", "folder", "synthetic")
+_OPS_KNOWN = (
+    "none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "conv_1x5_5x1",
+    "conv_3x3", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
+)
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that need no data; dataset-dependent checks (N-way vs classes) live in the data module."""
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}' {msg}")
+
+    d, m, t, me, e, r, s = cfg.data, cfg.model, cfg.task, cfg.meta, cfg.eval, cfg.run, cfg.scale
+    need(d.dataset in _DATASETS, "data.dataset", f"must be one of {_DATASETS}, got '{d.dataset}'")
+    need(d.n_way >= 2, "data.n_way", f"must be at least 2, got {d.n_way}")
+    need(d.k_shot >= 1, "data.k_shot", f"must be at least 1, got {d.k_shot}")
+    need(d.n_query >= 1, "data.n_query", f"must be at least 1, got {d.n_query}")
+    need(8 <= d.image_size <= 512, "data.image_size", f"must be in 8..512, got {d.image_size}")
+    need(d.synthetic_classes >= 2, "data.synthetic_classes", "must be at least 2")
+    need(d.synthetic_per_class >= 2, "data.synthetic_per_class", "must be at least 2")
+    need(m.kind in ("supernet", "conv4"), "model.kind", f"must be 'supernet' or 'conv4', got '{m.kind}'")
+    need(m.init_channels >= 1, "model.init_channels", "must be positive")
+    need(m.layers >= 1, "model.layers", "must be positive")
+    need(m.nodes >= 1, "model.nodes", "must be positive")
+    need(all(0 <= i < m.layers for i in m.reduction_layers), "model.reduction_layers",
+         f"must be cell indices in 0..{m.layers - 1}, got {list(m.reduction_layers)}")
+    need(len(m.ops) >= 1 and len(set(m.ops)) == len(m.ops), "model.ops", "must be a non-empty list without repeats")
+    for op in m.ops:
+        need(op in _OPS_KNOWN, "model.ops", f"has unknown operation '{op}'; known: {', '.join(_OPS_KNOWN)}")
+    need(m.channel_scale >= 1, "model.channel_scale", "must be positive")
+    need(m.stem_multiplier >= 1, "model.stem_multiplier", "must be positive")
+    need(m.conv4_channels >= 1, "model.conv4_channels", "must be positive")
+    need(0.0 <= m.prune_threshold < 1.0, "model.prune_threshold", "must be in [0, 1)")
+    need(t.steps >= 1, "task.steps", f"must be at least 1, got {t.steps}")
+    for key, v in (("task.lr_w", t.lr_w), ("task.lr_alpha", t.lr_alpha), ("meta.lr_w", me.lr_w),
+                   ("meta.lr_alpha", me.lr_alpha), ("task.grad_clip", t.grad_clip)):
+        need(math.isfinite(v) and v >= 0, key, f"must be a finite number >= 0, got {v}")
+    for which in ("alpha", "beta"):
+        start, end = getattr(t, f"tau_{which}_start"), getattr(t, f"tau_{which}_end")
+        need(math.isfinite(start) and start > 0, f"task.tau_{which}_start", f"must be a positive number, got {start}")
+        need(math.isfinite(end) and end > 0, f"task.tau_{which}_end", f"must be a positive number, got {end}")
+        need(end <= start, f"task.tau_{which}_end", f"must not exceed task.tau_{which}_start ({end} > {start})")
+    need(t.tau_schedule in ("exponential", "linear", "constant"), "task.tau_schedule",
+         f"must be exponential, linear or constant, got '{t.tau_schedule}'")
+    need(me.algorithm in ("reptile", "fomaml"), "meta.algorithm", f"must be 'reptile' or 'fomaml', got '{me.algorithm}'")
+    need(me.optimizer in ("sgd", "adam"), "meta.optimizer", f"must be 'sgd' or 'adam', got '{me.optimizer}'")
+    need(me.meta_batch >= 1, "meta.meta_batch", f"must be at least 1, got {me.meta_batch}")
+    need(me.anneal in ("linear", "constant"), "meta.anneal", f"must be 'linear' or 'constant', got '{me.anneal}'")
+    need(me.warmup_steps >= 0, "meta.warmup_steps", "must be >= 0")
+    need(e.every >= 0, "eval.every", "must be >= 0")
+    need(e.val_tasks >= 1, "eval.val_tasks", "must be at least 1")
+    need(e.test_tasks >= 1, "eval.test_tasks", "must be at least 1")
+    need(e.steps >= 1, "eval.steps", "must be at least 1")
+    need(r.meta_steps >= 1, "run.meta_steps", f"must be at least 1, got {r.meta_steps}")
+    need(r.log_every >= 1, "run.log_every", "must be at least 1")
+    need(r.checkpoint_every >= 1, "run.checkpoint_every", "must be at least 1")
+    need(r.keep_checkpoints >= 1, "run.keep_checkpoints", "must be at least 1")
+    need(r.threads >= 0, "run.threads", "must be >= 0")
+    need(s.num_workers >= 0, "scale.num_workers", f"must be >= 0 (0: automatic), got {s.num_workers}")
+    need(s.num_gpus >= 0, "scale.num_gpus", f"must be >= 0, got {s.num_gpus}")
+    need(s.max_failures >= 0, "scale.max_failures", "must be >= 0")

@@ -1,0 +1,81 @@
+"""The discrete architecture derived from (α, β): a DARTS-style genotype, its JSON form and hard pruning.
+
+Each intermediate node j keeps its ``k`` strongest inputs i, ranked by softmax(β_j)_i · max_o softmax(α_ji)_o,
+and on each kept edge the single strongest operation. A genotype is, per cell type, a list of nodes, each a
+list of ``(operation, input)`` pairs (inputs 0, 1 are the cell inputs, 2 + m is node m), as in DARTS.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .search_space import edges, mixture
+
+Cell = list[list[tuple[str, int]]]
+
+
+@dataclass(frozen=True)
+class Genotype:
+    cells: dict[str, Cell] = field(default_factory=dict)  # "normal" / "reduce" → nodes → (op, input)
+    nodes: int = 0
+
+    def to_json(self) -> str:
+        data = {t: [[[op, i] for op, i in node] for node in cell] for t, cell in self.cells.items()}
+        data.update({f"{t}_concat": list(range(2, 2 + self.nodes)) for t in self.cells})
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Genotype":
+        data = json.loads(text)
+        cells = {t: [[(str(op), int(i)) for op, i in node] for node in v]
+                 for t, v in data.items() if not t.endswith("_concat")}
+        nodes = max((len(c) for c in cells.values()), default=0)
+        return cls(cells, nodes)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Genotype":
+        return cls.from_json(Path(path).read_text())
+
+
+def derive(alphas: dict[str, torch.Tensor], ops: tuple[str, ...], nodes: int, k: int = 2) -> Genotype:
+    """The genotype of architecture tensors ``alpha_t`` ``[E, O]`` and ``beta_t`` ``[E]``."""
+    cells: dict[str, Cell] = {}
+    with torch.no_grad():
+        for key in alphas:
+            if not key.startswith("alpha_"):
+                continue
+            t = key[len("alpha_"):]
+            op_w = torch.softmax(alphas[key], dim=-1)
+            strength, best = op_w.max(dim=-1)
+            cell: Cell = []
+            start = 0
+            for j in range(nodes):
+                n_in = j + 2
+                score = torch.softmax(alphas[f"beta_{t}"][start:start + n_in], dim=0) * strength[start:start + n_in]
+                keep = sorted(score.topk(min(k, n_in)).indices.tolist())
+                cell.append([(ops[int(best[start + i])], i) for i in keep])
+                start += n_in
+            cells[t] = cell
+    return Genotype(cells, nodes)
+
+
+def hard_mixture(alphas: dict[str, torch.Tensor], ops: tuple[str, ...], nodes: int,
+                 tau: tuple[float, float]) -> dict[str, torch.Tensor]:
+    """Hard pruning: the soft mixture at ``tau`` with every (edge, operation) outside the genotype set to 0."""
+    genotype = derive(alphas, ops, nodes)
+    soft = mixture(alphas, tau[0], tau[1], nodes)
+    index = {e: n for n, e in enumerate(edges(nodes))}
+    out = {}
+    for t, cell in genotype.cells.items():
+        mask = torch.zeros_like(soft[t])
+        for j, node in enumerate(cell):
+            for op, i in node:
+                mask[index[(j, i)], ops.index(op)] = 1.0
+        out[t] = (soft[t] * mask).detach()
+    return out

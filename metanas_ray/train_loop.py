@@ -1,0 +1,185 @@
+"""Meta-training, the paper's Algorithm 1, written once for one process or N Ray Train workers.
+
+    for t = 0 … T-1:
+        for each task T_i of the meta-batch (this worker's share: i ≡ rank mod world):
+            (w*_i, α*_i) = Φ^k(w_meta, α_meta, D_train of T_i)         # task-learner, inner_loop.adapt
+        mean over all i of the contributions                           # the one all-reduce per meta-step
+        (w_meta, α_meta) ← meta-update(…)                              # meta_update.MetaLearner.step
+        every eval.every steps: meta-validate (Algorithm 3 on meta-val classes)
+    meta-test the final (w_meta, α_meta) on the meta-test classes, soft- and hard-pruned
+
+Task T_i of meta-step t is drawn from (seed, t, i) alone, and every worker applies the same meta-update
+to the same summed contributions, so the result does not depend on the number of workers.
+Rank 0 alone writes the run directory (through a :class:`Recorder`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import torch
+
+from .comm import LocalComm, my_share
+from .config import Config
+from .data import MetaSplits, TaskSampler, check_tasks, load_splits
+from .evaluate import meta_test
+from .genotype import derive
+from .inner_loop import NonFiniteLossError, Temperature, run_task
+from .meta_update import MetaLearner
+from .rundir import RunDir
+from .state import build_network, clone, flatten, init_state, unflatten
+
+log = logging.getLogger(__name__)
+
+
+class Recorder:
+    """Writes metrics, checkpoints and results into the run directory (rank 0 only)."""
+
+    def __init__(self, run: RunDir, rank: int = 0):
+        self.run = run
+        self.rank = rank
+
+    def metrics(self, rows: list[dict[str, Any]]) -> None:
+        if self.rank == 0:
+            self.run.write_metrics(rows)
+
+    def checkpoint(self, payload: dict[str, Any], keep: int) -> None:
+        if self.rank == 0:
+            self.run.save_checkpoint(payload, keep)
+
+    def finish(self, summary: dict[str, Any], state: dict, cfg: Config, rows: list[dict[str, Any]]) -> None:
+        if self.rank != 0:
+            return
+        genotype = derive(state["alphas"], cfg.model.ops, cfg.model.nodes) if state["alphas"] else None
+        if genotype is not None:
+            genotype.save(self.run.genotype_file)
+        try:
+            from .plotting import write_run_plots
+            write_run_plots(self.run.plots, rows, state["alphas"], genotype, cfg.model.ops, cfg.model.nodes,
+                            Temperature.from_config(cfg.task).final)
+        except Exception as e:  # plots are a convenience: never lose the results over one
+            log.warning("could not draw the plots: %s", e)
+        self.run.write_summary(summary)
+
+
+def _threads(cfg: Config, world: int) -> int:
+    return cfg.run.threads or max(1, (os.cpu_count() or 1) // world)
+
+
+def _stats_vector(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.device = "cpu",
+               resume: dict[str, Any] | None = None, splits: MetaSplits | None = None) -> dict[str, Any]:
+    """Run (or continue, from a checkpoint payload ``resume``) meta-training and the final meta-test.
+
+    Returns the summary (also written to ``summary.json`` by rank 0).
+    """
+    comm = comm or LocalComm()
+    torch.set_num_threads(_threads(cfg, comm.world))
+    t_start = time.perf_counter()
+    d, T = cfg.data, cfg.run.meta_steps
+    splits = splits or load_splits(d)
+    check_tasks(d, splits)
+    net = build_network(cfg, splits.channels).to(device)
+    state = clone(init_state(cfg, net), device)
+    learner = MetaLearner(cfg.meta, T)
+    start, rows, elapsed_before = 0, [], 0.0
+    if resume is not None:
+        state = clone(resume["state"], device)
+        learner.load_state_dict(resume["meta_optimizer"])
+        start, rows = int(resume["step"]), list(resume["metrics"])
+        elapsed_before = float(resume.get("elapsed", 0.0))
+        torch.set_rng_state(resume["rng"])
+        recorder.metrics(rows)  # drop rows logged after the checkpoint: no duplicates once the run goes on
+        log.info("resumed at meta-step %d of %d", start, T)
+    samplers = {s: TaskSampler(getattr(splits, s), d.n_way, d.k_shot, d.n_query, cfg.run.seed, s)
+                for s in ("train", "val", "test")}
+    my_tasks = my_share(cfg.meta.meta_batch, comm)
+    tau = Temperature.from_config(cfg.task).final
+    n_flat = flatten(state).numel()
+    t_loop, tasks_done = time.perf_counter(), 0
+
+    for t in range(start, T):
+        learn_arch = learner.learns_architecture(t)
+        total = torch.zeros(n_flat, dtype=torch.float32, device=device)
+        acc = loss = failed = 0.0
+        for i in my_tasks:
+            task = samplers["train"].sample(t, i).to(device)
+            try:
+                adapted, stats = run_task(net, state, task, cfg.task, cfg.task.steps, learn_arch)
+            except NonFiniteLossError as e:
+                failed, failure = 1.0, str(e)
+                break
+            total += flatten(learner.contribution(net, adapted, task.x_query, task.y_query, tau))
+            acc += stats["query_accuracy"]
+            loss += stats["query_loss"]
+        # the one meeting point of all workers: contributions and statistics summed in one all-reduce
+        summed = comm.all_reduce_sum(torch.cat([total.double(), _stats_vector([acc, loss, failed]).to(device)]))
+        if summed[-1] > 0:
+            raise NonFiniteLossError(
+                failure if failed else f"a worker's task-learner loss became non-finite at meta-step {t}")
+        mean = unflatten((summed[:n_flat] / cfg.meta.meta_batch).float(), state)
+        learner.step(state, mean, t)
+        if not all(torch.isfinite(v).all() for part in state.values() for v in part.values()):
+            raise NonFiniteLossError(f"the meta-parameters became non-finite at meta-step {t}; "
+                                     f"lower meta.lr_w / meta.lr_alpha")
+        tasks_done += cfg.meta.meta_batch
+        done = t + 1
+        validate = cfg.eval.every > 0 and (done % cfg.eval.every == 0 or done == T)
+        if done % cfg.run.log_every == 0 or done == T or validate:
+            wall = time.perf_counter() - t_loop
+            row = {"step": done,
+                   "train_accuracy": float(summed[n_flat]) / cfg.meta.meta_batch,
+                   "train_loss": float(summed[n_flat + 1]) / cfg.meta.meta_batch,
+                   "val_accuracy": math.nan, "val_ci95": math.nan,
+                   "tasks_per_second": tasks_done / wall if wall > 0 else math.nan,
+                   "wall_seconds": elapsed_before + time.perf_counter() - t_start}
+            if validate:
+                val = meta_test(net, state, samplers["val"], cfg.eval.val_tasks, cfg, comm, device, hard=False)
+                row["val_accuracy"], row["val_ci95"] = val["accuracy_soft"], val["ci95_soft"]
+            rows.append(row)
+            recorder.metrics(rows)
+            if comm.rank == 0:
+                left = (T - done) * wall / max(done - start, 1)
+                val_txt = f" | meta-val {row['val_accuracy']:.3f} ± {row['val_ci95']:.3f}" if validate else ""
+                log.info("step %d/%d | meta-train acc %.3f loss %.3f%s | %.1f tasks/s | %s left",
+                         done, T, row["train_accuracy"], row["train_loss"], val_txt, row["tasks_per_second"],
+                         _eta(left))
+        if done % cfg.run.checkpoint_every == 0 or done == T:
+            recorder.checkpoint({"step": done, "state": clone(state, "cpu"), "meta_optimizer": learner.state_dict(),
+                                 "metrics": rows, "rng": torch.get_rng_state(), "config": cfg.to_dict(),
+                                 "elapsed": elapsed_before + time.perf_counter() - t_start},
+                                cfg.run.keep_checkpoints)
+
+    train_seconds = time.perf_counter() - t_loop
+    log.info("meta-testing on %d tasks of the meta-test classes", cfg.eval.test_tasks)
+    test = meta_test(net, state, samplers["test"], cfg.eval.test_tasks, cfg, comm, device)
+    best_val = max((r["val_accuracy"] for r in rows if not math.isnan(r["val_accuracy"])), default=math.nan)
+    summary = {
+        "meta_test_accuracy_soft": test["accuracy_soft"], "meta_test_ci95_soft": test["ci95_soft"],
+        "meta_test_accuracy_hard": test["accuracy_hard"], "meta_test_ci95_hard": test["ci95_hard"],
+        "meta_test_tasks": test["tasks"],
+        "meta_val_accuracy_best": best_val,
+        "meta_val_accuracy_last": rows[-1]["val_accuracy"] if rows else math.nan,
+        "meta_steps": T,
+        "wall_seconds": elapsed_before + time.perf_counter() - t_start,
+        "tasks_per_second": tasks_done / train_seconds if train_seconds > 0 and tasks_done else math.nan,
+        "workers": comm.world,
+        "tasks_per_worker": [len(range(r, cfg.meta.meta_batch, comm.world)) for r in range(comm.world)],
+        "weights": sum(v.numel() for v in state["weights"].values()),
+        "model": cfg.model.kind, "dataset": d.dataset,
+        "n_way": d.n_way, "k_shot": d.k_shot,
+    }
+    summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+    recorder.finish(summary, clone(state, "cpu"), cfg, rows)
+    return summary

@@ -1,0 +1,28 @@
+"""Shared fixtures: a tiny config on synthetic data, and one thread per process (2-core CI machines)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "tune_configs" / "smoke.yaml"
+
+
+@pytest.fixture
+def smoke_cfg():
+    from metanas_ray.config import load
+    return load(SMOKE)
+
+
+@pytest.fixture(scope="session")
+def synthetic_splits():
+    from metanas_ray.config import load
+    from metanas_ray.data import load_splits
+    return load_splits(load(SMOKE).data)

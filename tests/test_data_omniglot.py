@@ -1,0 +1,281 @@
+"""Omniglot on small fakes in the official layout (zips and folders), the cache, errors; and the real copy."""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metanas_ray.config import DataConfig
+from metanas_ray.data import DataError, check_tasks, load_omniglot, load_splits, val_alphabets
+from metanas_ray.data import omniglot as omniglot_module
+
+REAL = Path(__file__).parents[1].parent / "shared/data/omniglot"
+BACKGROUND = ["Alpha", "Beta", "Gamma", "Delta"]  # sorted: Alpha, Beta, Delta, Gamma → val: Gamma (the last)
+EVALUATION = ["Omega", "Psi"]
+CHARS, DRAWINGS = 3, 20
+
+
+def _write_set(base: Path, name: str, alphabets: list[str], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for a in alphabets:
+        for c in range(1, CHARS + 1):
+            d = base / name / a / f"character{c:02d}"
+            d.mkdir(parents=True)
+            for k in range(1, DRAWINGS + 1):
+                ink = np.zeros((105, 105), dtype=bool)
+                y, x = rng.integers(10, 80, size=2)
+                ink[y:y + rng.integers(5, 20), x:x + rng.integers(3, 20)] = True
+                ink |= rng.random((105, 105)) < 0.02
+                Image.fromarray(~ink).save(d / f"{1000 + c:04d}_{k:02d}.png")  # mode "1": black strokes on white
+
+
+def _zip_dir(folder: Path, dest: Path) -> None:
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.write(folder, folder.name + "/")
+        for p in sorted(folder.rglob("*")):
+            zf.write(p, str(p.relative_to(folder.parent)) + ("/" if p.is_dir() else ""))
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A folder copy and a zip copy of a 4 + 2 alphabet fake Omniglot (built once per module)."""
+    base = tmp_path_factory.mktemp("fake_omniglot")
+    folders, zips = base / "folders", base / "zips"
+    _write_set(folders, "images_background", BACKGROUND, 0)
+    _write_set(folders, "images_evaluation", EVALUATION, 1)
+    zips.mkdir()
+    for name in omniglot_module.SETS:
+        _zip_dir(folders / name, zips / f"{name}.zip")
+    return {"folders": folders, "zips": zips}
+
+
+def _copy(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+def _same(a, b) -> None:
+    assert (a.name, a.channels, a.image_size) == (b.name, b.channels, b.image_size)
+    for split in ("train", "val", "test"):
+        pa, pb = a.pool(split), b.pool(split)
+        assert torch.equal(pa.images, pb.images) and torch.equal(pa.class_starts, pb.class_starts)
+        assert pa.class_names == pb.class_names
+
+
+def test_val_alphabet_rule() -> None:
+    names = [f"A{i:02d}" for i in range(30)]
+    assert val_alphabets(names[::-1]) == ["A05", "A11", "A17", "A23", "A29"]
+    assert val_alphabets(["d", "b", "c", "a"]) == ["d"]
+    assert val_alphabets([f"A{i}" for i in range(7)]) == ["A5"]
+
+
+def test_zip_and_folders_give_the_same_splits(fake: dict[str, Path], tmp_path: Path) -> None:
+    from_zip = load_omniglot(_copy(fake["zips"], tmp_path / "z"), 28, download=False)
+    from_dir = load_omniglot(_copy(fake["folders"], tmp_path / "d"), 28, download=False)
+    _same(from_zip, from_dir)
+    s = from_zip
+    assert s.train.n_classes == 3 * CHARS * 4 and s.val.n_classes == 1 * CHARS * 4
+    assert s.test.n_classes == 2 * CHARS * 4
+    for split in ("train", "val", "test"):
+        pool = s.pool(split)
+        assert pool.images.shape[1:] == (1, 28, 28) and pool.images.dtype == torch.uint8
+        assert pool.counts.tolist() == [DRAWINGS] * pool.n_classes
+    assert s.val.class_names[:4] == [f"Gamma/character01/rot{r}" for r in (0, 90, 180, 270)]
+    # strokes bright, background 0
+    assert float(s.train.images.float().mean()) < 60 and int(s.train.images.max()) > 200
+
+
+def test_splits_are_disjoint_by_class_character_and_alphabet(fake: dict[str, Path], tmp_path: Path) -> None:
+    s = load_omniglot(_copy(fake["zips"], tmp_path / "z"), 28, download=False)
+    names = {split: s.pool(split).class_names for split in ("train", "val", "test")}
+    chars = {split: {n.rsplit("/", 1)[0] for n in v} for split, v in names.items()}
+    alphabets = {split: {n.split("/")[0] for n in v} for split, v in names.items()}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not set(names[a]) & set(names[b])
+        assert not chars[a] & chars[b]
+        assert not alphabets[a] & alphabets[b]
+    assert alphabets["val"] == {"Gamma"} and alphabets["test"] == set(EVALUATION)
+    assert all(len(set(v)) == len(v) for v in names.values())
+
+
+def test_rotations_are_classes(fake: dict[str, Path], tmp_path: Path) -> None:
+    s = load_omniglot(_copy(fake["folders"], tmp_path / "d"), 16, download=False)
+    assert s.image_size == 16 and s.train.images.shape[-1] == 16
+    base = s.train.class_images(0)
+    for r in range(1, 4):
+        assert s.train.class_names[r].endswith(f"/rot{90 * r}")
+        assert torch.equal(s.train.class_images(r), torch.rot90(base, r, dims=(2, 3)))
+
+
+def test_cache_hit_and_rebuild(fake: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = _copy(fake["zips"], tmp_path / "z")
+    cache = root / ".metanas_cache" / "omniglot_28.pt"
+    first = load_omniglot(root, 28, download=False)
+    assert not first.from_cache and cache.is_file()
+    mtime = cache.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="metanas_ray.data"):
+        second = load_omniglot(root, 28, download=False)
+    assert second.from_cache and cache.stat().st_mtime_ns == mtime
+    assert any("from cache" in r.getMessage() for r in caplog.records)
+    _same(first, second)
+    # a corrupt cache is rebuilt with a warning
+    cache.write_bytes(b"not a torch file" * 10)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="metanas_ray.data"):
+        rebuilt = load_omniglot(root, 28, download=False)
+    assert not rebuilt.from_cache
+    assert any(r.levelno == logging.WARNING and "corrupt" in r.getMessage() for r in caplog.records)
+    _same(first, rebuilt)
+    assert load_omniglot(root, 28, download=False).from_cache
+    assert not list(cache.parent.glob("*.tmp"))
+
+
+def test_changed_source_invalidates_cache(fake: dict[str, Path], tmp_path: Path) -> None:
+    root = _copy(fake["folders"], tmp_path / "d")
+    load_omniglot(root, 28, download=False)
+    extra = root / "images_evaluation" / "Omega" / "character01" / "1001_21.png"
+    shutil.copy(extra.with_name("1001_01.png"), extra)
+    s = load_omniglot(root, 28, download=False)
+    assert not s.from_cache and s.test.class_starts[1] == DRAWINGS + 1
+
+
+def test_read_only_root_caches_under_xdg(fake: dict[str, Path], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _copy(fake["zips"], tmp_path / "ro")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root.chmod(0o555)
+    try:
+        load_omniglot(root, 28, download=False)
+        assert not (root / ".metanas_cache").exists()
+        files = list((tmp_path / "xdg" / "metanas_ray").glob("omniglot_28_*.pt"))
+        assert len(files) == 1
+        assert load_omniglot(root, 28, download=False).from_cache
+    finally:
+        root.chmod(0o755)
+
+
+def test_missing_without_download(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as e:
+        load_omniglot(tmp_path / "nothing", 28, download=False)
+    msg = str(e.value)
+    assert str(tmp_path / "nothing") in msg and "images_background.zip" in msg and "images_evaluation.zip" in msg
+    assert "--data-root" in msg
+
+
+def test_missing_one_set(fake: dict[str, Path], tmp_path: Path) -> None:
+    root = tmp_path / "half"
+    shutil.copytree(fake["folders"] / "images_background", root / "images_background")
+    with pytest.raises(DataError, match="missing images_evaluation.zip"):
+        load_omniglot(root, 28, download=False)
+
+
+def test_download_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    root = tmp_path / "omniglot"
+    with pytest.raises(DataError) as e:
+        load_omniglot(root, 28, download=True)
+    msg = str(e.value)
+    assert "downloading https://raw.githubusercontent.com/brendenlake/omniglot" in msg and "no network" in msg
+    assert str(root) in msg and "images_background.zip" in msg and "images_evaluation.zip" in msg
+    assert not [p for p in root.iterdir()]  # no partial files left behind
+
+
+def _serve(files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    urls: list[str] = []
+
+    def fake_urlopen(url: str, timeout: float | None = None):
+        assert timeout is not None
+        urls.append(url)
+        return io.BytesIO(files[url.rsplit("/", 1)[1]])
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    return urls
+
+
+def test_download_checks_md5(fake: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {f"{n}.zip": (fake["zips"] / f"{n}.zip").read_bytes() for n in omniglot_module.SETS}
+    urls = _serve(files, monkeypatch)
+    root = tmp_path / "dl"
+    with pytest.raises(DataError, match="images_background.zip has md5 .* expected 68d2efa1b9178cc56df9314c21c6e718"):
+        load_omniglot(root, 28, download=True)  # the fakes are not the official files
+    assert not (root / "images_background.zip").exists()
+    monkeypatch.setattr(omniglot_module, "MD5", {n[:-4]: hashlib.md5(b).hexdigest() for n, b in files.items()})
+    s = load_omniglot(root, 28, download=True)
+    assert len(urls) == 3 and s.test.n_classes == 2 * CHARS * 4
+    assert (root / "images_evaluation.zip").read_bytes() == files["images_evaluation.zip"]
+    _same(s, load_omniglot(_copy(fake["zips"], tmp_path / "z"), 28, download=False))
+
+
+def test_truncated_zip(fake: dict[str, Path], tmp_path: Path) -> None:
+    root = _copy(fake["zips"], tmp_path / "z")
+    bad = root / "images_evaluation.zip"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"images_evaluation\.zip is corrupt or truncated"):
+        load_omniglot(root, 28, download=False)
+
+
+def test_corrupt_zip_member(fake: dict[str, Path], tmp_path: Path) -> None:
+    root = _copy(fake["zips"], tmp_path / "z")
+    bad = root / "images_background.zip"
+    data = bytearray(bad.read_bytes())
+    for i in range(len(data) // 3, len(data) // 3 + 200):
+        data[i] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"images_background\.zip is corrupt or truncated"):
+        load_omniglot(root, 28, download=False)
+
+
+def test_task_checks_and_load_splits(fake: dict[str, Path], tmp_path: Path,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    root = _copy(fake["zips"], tmp_path / "z")
+    cfg = DataConfig(dataset="omniglot", root=str(root), download=False, n_way=5, k_shot=1, n_query=5)
+    with caplog.at_level(logging.INFO, logger="metanas_ray.data"):
+        splits = load_splits(cfg)
+        load_splits(cfg)
+    messages = [r.getMessage() for r in caplog.records if r.name == "metanas_ray.data"]
+    assert "cache miss" in messages[0] and "cache hit" in messages[1]
+    check_tasks(cfg, splits)
+    with pytest.raises(DataError, match=r"data\.n_way=13 but the meta-val split of omniglot has only 12 classes"):
+        check_tasks(DataConfig(dataset="omniglot", n_way=13), splits)
+    with pytest.raises(DataError, match=r"data\.k_shot \+ data\.n_query = 21 .* only 20 images"):
+        check_tasks(DataConfig(dataset="omniglot", n_way=5, k_shot=1, n_query=20), splits)
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"no real Omniglot copy at {REAL}")
+def test_real_omniglot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    before = sorted(os.listdir(REAL))
+    start = time.perf_counter()
+    s = load_omniglot(REAL, 28, download=False)
+    built = time.perf_counter() - start
+    start = time.perf_counter()
+    cached = load_omniglot(REAL, 28, download=False)
+    loaded = time.perf_counter() - start
+    assert not s.from_cache and cached.from_cache
+    assert sorted(os.listdir(REAL)) == before  # nothing written into the read-only copy
+    assert built < 60 and loaded < 10, (built, loaded)
+    assert s.train.n_classes + s.val.n_classes == 964 * 4 and s.test.n_classes == 659 * 4
+    assert len({n.split("/")[0] for n in s.val.class_names}) == 5
+    assert len({n.split("/")[0] for n in s.train.class_names}) == 25
+    for split in ("train", "val", "test"):
+        pool = s.pool(split)
+        assert pool.counts.unique().tolist() == [20]
+        assert pool.images.shape[1:] == (1, 28, 28)
+        assert torch.equal(pool.images, cached.pool(split).images)
+    chars = [{n.rsplit("/", 1)[0] for n in s.pool(x).class_names} for x in ("train", "val", "test")]
+    assert not (chars[0] & chars[1] or chars[0] & chars[2] or chars[1] & chars[2])

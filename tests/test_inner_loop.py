@@ -1,0 +1,82 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metanas_ray.config import TaskLearnerConfig
+from metanas_ray.inner_loop import NonFiniteLossError, Temperature, adapt, forward, run_task
+from metanas_ray.state import build_network, init_state
+
+
+@pytest.fixture
+def setup(smoke_cfg, synthetic_splits):
+    from metanas_ray.data import TaskSampler
+    net = build_network(smoke_cfg, 1)
+    state = init_state(smoke_cfg, net)
+    task = TaskSampler(synthetic_splits.train, 5, 1, 3, 0, "train").sample(0, 0)
+    return net, state, task
+
+
+def _grads(net, params, x, y, tau):
+    p = {part: {k: v.detach().clone().requires_grad_(True) for k, v in d.items()} for part, d in params.items()}
+    loss = F.cross_entropy(forward(net, p, x, tau), y)
+    flat = [v for d in p.values() for v in d.values()]
+    g = iter(torch.autograd.grad(loss, flat))
+    return {part: {k: next(g) for k in d} for part, d in p.items()}
+
+
+def test_each_step_is_the_task_learner_equation_at_the_current_weights(setup):
+    """w_{j+1} = w_j − λ∇_w L(w_j, α_j) and α_{j+1} = α_j − ξ∇_α L(w_j, α_j), with both gradients from one fresh
+    forward pass at the *current* (w_j, α_j) — not at a stale copy of the network, as in the official code."""
+    net, state, task = setup
+    cfg = TaskLearnerConfig(lr_w=0.3, lr_alpha=0.7, tau_schedule="constant", tau_alpha_start=0.5,
+                            tau_beta_start=0.8, grad_clip=0.0)
+    one, _ = adapt(net, state, task.x_train, task.y_train, cfg, 1)
+    two, _ = adapt(net, state, task.x_train, task.y_train, cfg, 2)
+    g = _grads(net, one, task.x_train, task.y_train, (0.5, 0.8))  # autograd on a fresh forward at (w_1, α_1)
+    for k in one["weights"]:
+        torch.testing.assert_close(two["weights"][k], one["weights"][k] - 0.3 * g["weights"][k])
+    for k in one["alphas"]:
+        torch.testing.assert_close(two["alphas"][k], one["alphas"][k] - 0.7 * g["alphas"][k])
+    assert any((g["alphas"][k].abs() > 0).any() for k in g["alphas"])
+
+
+def test_adapt_leaves_the_meta_parameters_alone_and_copies_no_model(setup, monkeypatch):
+    net, state, task = setup
+    before = copy.deepcopy(state)
+    monkeypatch.setattr(copy, "deepcopy", lambda *a, **k: pytest.fail("the task-learner deep-copied something"))
+    adapted, stats = run_task(net, state, task, TaskLearnerConfig(), 3)
+    for part in state:
+        for k in state[part]:
+            assert torch.equal(state[part][k], before[part][k])
+    changed = [k for k in adapted["weights"] if not torch.equal(adapted["weights"][k], state["weights"][k])]
+    assert changed and any(not torch.equal(adapted["alphas"][k], state["alphas"][k]) for k in state["alphas"])
+    assert 0.0 <= stats["query_accuracy"] <= 1.0
+
+
+def test_frozen_architecture_during_warmup(setup):
+    net, state, task = setup
+    adapted, _ = adapt(net, state, task.x_train, task.y_train, TaskLearnerConfig(), 2, learn_arch=False)
+    for k in state["alphas"]:
+        assert torch.equal(adapted["alphas"][k], state["alphas"][k])
+
+
+def test_non_finite_loss_is_a_clear_error(setup):
+    net, state, task = setup
+    bad = task.x_train.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="task.lr_w"):
+        adapt(net, state, bad, task.y_train, TaskLearnerConfig(), 2)
+
+
+def test_temperature_schedules():
+    t = Temperature(1.0, 0.01, 2.0, 0.5, "exponential")
+    assert t.at(0, 5) == (1.0, 2.0)
+    assert t.at(4, 5) == pytest.approx((0.01, 0.5))
+    assert t.at(2, 5) == pytest.approx((0.1, 1.0))
+    lin = Temperature(1.0, 0.2, 1.0, 0.2, "linear")
+    assert lin.at(1, 3) == pytest.approx((0.6, 0.6))
+    assert Temperature(1.0, 0.2, 1.0, 0.2, "constant").final == (1.0, 1.0)
+    taus = [t.at(i, 10)[0] for i in range(10)]
+    assert taus == sorted(taus, reverse=True)

@@ -1,0 +1,144 @@
+"""End to end, in-process (the Ray Train path has its own tests): the run directory, determinism, resume, bad input."""
+import csv
+import json
+
+import pytest
+import torch
+
+from metanas_ray.rundir import RunDir
+
+from metanas_ray import checkpoint
+from metanas_ray.run import main
+from metanas_ray.train_loop import Recorder, meta_train
+
+from conftest import SMOKE
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def run(tmp_path, name, *extra):
+    out = tmp_path / name
+    code = main(["--config", str(SMOKE), "--output", str(out), "--in-process", *extra])
+    return code, out
+
+
+def _final_state(out):
+    return checkpoint.load(checkpoint.latest(out / "checkpoints"))
+
+
+def test_smoke_config_writes_the_whole_run_directory(tmp_path):
+    code, out = run(tmp_path, "smoke")
+    assert code == 0
+    for name in ("config.yaml", "metrics.csv", "genotype.json", "summary.json", "plots/learning_curves.png",
+                 "plots/alphas.png", "plots/cell_normal.png", "plots/cell_reduce.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert [p.name for p in checkpoint.list_checkpoints(out / "checkpoints")] == ["step_0000005.pt", "step_0000010.pt"]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("meta_test_accuracy_soft", "meta_test_ci95_soft", "meta_test_accuracy_hard", "meta_test_ci95_hard"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert summary["meta_steps"] == 10 and summary["wall_seconds"] > 0 and summary["tasks_per_second"] > 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == [2, 4, 5, 6, 8, 10]
+    assert rows[2]["val_accuracy"] and not rows[0]["val_accuracy"]
+
+
+def test_a_meta_step_changes_w_and_alpha_and_seed_determines_everything(tmp_path, smoke_cfg):
+    from metanas_ray.state import build_network, init_state
+    cfg = smoke_cfg.override({"run.meta_steps": 2, "run.checkpoint_every": 1, "eval.every": 0, "eval.test_tasks": 2})
+    start = init_state(cfg, build_network(cfg, 1))
+    finals = []
+    for name in ("a", "b"):
+        from metanas_ray.rundir import RunDir
+        meta_train(cfg, Recorder(RunDir(tmp_path / name).create(cfg)))
+        finals.append(_final_state(tmp_path / name)["state"])
+    for part in ("weights", "alphas"):
+        assert any(not torch.equal(finals[0][part][k], start[part][k]) for k in start[part]), part
+        for k in start[part]:
+            assert torch.equal(finals[0][part][k], finals[1][part][k])
+    other = cfg.override({"run.seed": 1})
+    meta_train(other, Recorder(RunDir(tmp_path / "c").create(other)))
+    assert not torch.equal(_final_state(tmp_path / "c")["state"]["weights"]["stem.0.weight"],
+                           finals[0]["weights"]["stem.0.weight"])
+
+
+class _Crash(Exception):
+    pass
+
+
+class CrashAfter(Recorder):
+    def __init__(self, run, step):
+        super().__init__(run)
+        self.step = step
+
+    def checkpoint(self, payload, keep):
+        super().checkpoint(payload, keep)
+        if payload["step"] == self.step:
+            raise _Crash()
+
+
+def test_resume_is_bit_identical(tmp_path, smoke_cfg):
+    from metanas_ray.rundir import RunDir
+    cfg = smoke_cfg.override({"meta.optimizer": "adam", "meta.lr_w": 0.01, "meta.lr_alpha": 0.01})
+    meta_train(cfg, Recorder(RunDir(tmp_path / "straight").create(cfg)))
+    with pytest.raises(_Crash):
+        meta_train(cfg, CrashAfter(RunDir(tmp_path / "broken").create(cfg), 5))
+    assert main(["--resume", str(tmp_path / "broken"), "--in-process"]) == 0
+    a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "broken")
+    for part in ("weights", "alphas"):
+        for k in a["state"][part]:
+            assert torch.equal(a["state"][part][k], b["state"][part][k]), k
+    for k in a["meta_optimizer"]["m"]:
+        assert torch.equal(a["meta_optimizer"]["m"][k], b["meta_optimizer"]["m"][k])
+    sa = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "broken" / "summary.json").read_text())
+    assert sa["meta_test_accuracy_soft"] == sb["meta_test_accuracy_soft"]
+    assert sa["meta_test_accuracy_hard"] == sb["meta_test_accuracy_hard"]
+    rows_a = [(r["step"], r["train_accuracy"], r["val_accuracy"]) for r in csv.DictReader((tmp_path / "straight" / "metrics.csv").open())]
+    rows_b = [(r["step"], r["train_accuracy"], r["val_accuracy"]) for r in csv.DictReader((tmp_path / "broken" / "metrics.csv").open())]
+    assert rows_a == rows_b
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    code, out = run(tmp_path, "x", "--set", "run.meta_steps=2", "--set", "eval.every=0")
+    assert code == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, _ = run(tmp_path, "x")
+    assert code == 2 and "--resume" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "data.n_wya=3"], "data.n_wya"),
+    (["--set", "task.lr_w=-1"], "task.lr_w"),
+    (["--set", "data.n_way=13"], "data.n_way=13"),
+    (["--set", "data.n_query=8"], "data.k_shot + data.n_query"),
+    (["--set", "data.dataset=omniglot", "--set", "data.download=false"], "images_background.zip"),
+])
+def test_bad_input_gets_one_clear_message(tmp_path, capsys, args, needle):
+    code, out = run(tmp_path, "bad", *args, "--data-root", str(tmp_path / "nodata")) if "omniglot" in " ".join(args) \
+        else run(tmp_path, "bad", *args)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and "Traceback" not in err
+
+
+def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
+    code, out = run(tmp_path, "c", "--set", "run.meta_steps=5", "--set", "eval.every=0")
+    assert code == 0
+    ckpt = checkpoint.latest(out / "checkpoints")
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    summary = (out / "summary.json").read_bytes()
+    assert main(["--resume", str(out), "--in-process"]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt" in err and str(ckpt.name) in err
+    assert (out / "summary.json").read_bytes() == summary  # nothing already written is lost
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoints(tmp_path, capsys):
+    code, out = run(tmp_path, "nan", "--set", "task.lr_w=1e30", "--set", "task.grad_clip=0",
+                    "--set", "run.checkpoint_every=1", "--set", "eval.every=0")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "non-finite" in err or "became" in err
+    assert (out / "config.yaml").is_file() and (out / "error.txt").is_file()
+    assert not (out / "summary.json").exists()
