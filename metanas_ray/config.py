@@ -58,6 +58,7 @@ class TaskLearnerConfig:
     """The task-learner Φ^k: k first-order DARTS steps per task."""
 
     steps: int = 5  # k, inner steps during meta-training
+    optimizer: str = "sgd"  # sgd (the paper's equation) | adam (β1 = 0, as the official code and REPTILE)
     lr_w: float = 0.1  # λ_task, SGD learning rate of the weights w
     lr_alpha: float = 0.1  # ξ_task, SGD learning rate of α and β
     tau_alpha_start: float = 1.0  # τ_α at the first inner step
@@ -331,6 +332,7 @@ def validate(cfg: Config) -> None:
     need(t.tau_schedule in ("exponential", "linear", "constant"), "task.tau_schedule",
          f"must be exponential, linear or constant, got '{t.tau_schedule}'")
     need(me.algorithm in ("reptile", "fomaml"), "meta.algorithm", f"must be 'reptile' or 'fomaml', got '{me.algorithm}'")
+    need(t.optimizer in ("sgd", "adam"), "task.optimizer", f"must be 'sgd' or 'adam', got '{t.optimizer}'")
     need(me.optimizer in ("sgd", "adam"), "meta.optimizer", f"must be 'sgd' or 'adam', got '{me.optimizer}'")
     need(me.meta_batch >= 1, "meta.meta_batch", f"must be at least 1, got {me.meta_batch}")
     need(me.anneal in ("linear", "constant"), "meta.anneal", f"must be 'linear' or 'constant', got '{me.anneal}'")

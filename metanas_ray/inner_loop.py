@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from .data import Task
 
 
+_BETA2, _EPS = 0.999, 1e-8
+
+
 class NonFiniteLossError(FloatingPointError):
     """The task-learner's loss became NaN or infinite."""
 
@@ -82,7 +85,7 @@ def forward(net: nn.Module, params: State, x: torch.Tensor, tau: tuple[float, fl
 
 
 def _clip_(grads: list[torch.Tensor], max_norm: float) -> None:
-    if max_norm > 0:
+    if max_norm > 0 and grads:
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(grads, scale)
@@ -100,6 +103,7 @@ def adapt(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, cfg: 
     w_list, a_list = list(w.values()), list(a.values()) if learn_arch else []
     temperature = Temperature.from_config(cfg)
     loss = acc = None
+    sq: list[torch.Tensor] = []  # Adam's second moments, per task
     for step in range(steps):
         logits = forward(net, {"weights": w, "alphas": a}, x, temperature.at(step, steps))
         loss = F.cross_entropy(logits, y)
@@ -107,14 +111,21 @@ def adapt(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, cfg: 
             raise NonFiniteLossError(
                 f"the task-learner's loss became {loss.item()} at inner step {step}; "
                 f"lower task.lr_w (λ_task={cfg.lr_w}) or task.lr_alpha (ξ_task={cfg.lr_alpha})")
-        grads = torch.autograd.grad(loss, w_list + a_list)
-        g_w, g_a = list(grads[:len(w_list)]), list(grads[len(w_list):])
-        _clip_(g_w, cfg.grad_clip)
+        grads = list(torch.autograd.grad(loss, w_list + a_list))
+        _clip_(grads[:len(w_list)], cfg.grad_clip)
+        _clip_(grads[len(w_list):], cfg.grad_clip)
         with torch.no_grad():
-            torch._foreach_add_(w_list, g_w, alpha=-cfg.lr_w)
-            if g_a:
-                _clip_(g_a, cfg.grad_clip)
-                torch._foreach_add_(a_list, g_a, alpha=-cfg.lr_alpha)
+            if cfg.optimizer == "adam":  # Adam with β1 = 0, as in REPTILE and the official MetaNAS code
+                if not sq:
+                    sq = [torch.zeros_like(g) for g in grads]
+                torch._foreach_mul_(sq, _BETA2)
+                torch._foreach_addcmul_(sq, grads, grads, value=1 - _BETA2)
+                denom = torch._foreach_sqrt(torch._foreach_div(sq, 1 - _BETA2 ** (step + 1)))
+                torch._foreach_add_(denom, _EPS)
+                grads = torch._foreach_div(grads, denom)
+            torch._foreach_add_(w_list, grads[:len(w_list)], alpha=-cfg.lr_w)
+            if a_list:
+                torch._foreach_add_(a_list, grads[len(w_list):], alpha=-cfg.lr_alpha)
         acc = (logits.detach().argmax(-1) == y).float().mean()
     adapted = {"weights": {k: v.detach() for k, v in w.items()}, "alphas": {k: v.detach() for k, v in a.items()}}
     return adapted, {"loss": float(loss.detach()), "accuracy": float(acc)}

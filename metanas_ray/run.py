@@ -24,6 +24,7 @@ from .config import Config, ConfigError, load, parse_overrides, save
 from .data import DataError
 from .inner_loop import NonFiniteLossError
 from .rundir import RunDir, RunDirError
+from .ray_train import ScaleError
 
 log = logging.getLogger("metanas_ray")
 
@@ -49,6 +50,10 @@ def parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace) -> tuple[Config, RunDir, dict | None]:
     """The config, run directory and (for --resume) checkpoint payload that the arguments ask for."""
     overrides = parse_overrides(args.overrides)
+    if args.num_workers is not None and args.num_workers < 1:
+        raise ConfigError(f"--num-workers must be at least 1, got {args.num_workers}")
+    if args.num_gpus is not None and args.num_gpus < 1:
+        raise ConfigError(f"--num-gpus must be at least 1, got {args.num_gpus} (leave it out to use CPU workers)")
     for flag, key in (("data_root", "data.root"), ("seed", "run.seed"), ("num_workers", "scale.num_workers"),
                       ("num_gpus", "scale.num_gpus"), ("address", "scale.address")):
         if getattr(args, flag) is not None:
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .ray_train import fit
             summary = fit(cfg, run, resume=payload)
-    except (ConfigError, DataError, RunDirError, checkpoint.CheckpointError, NonFiniteLossError) as e:
+    except (ConfigError, DataError, RunDirError, checkpoint.CheckpointError, NonFiniteLossError, ScaleError) as e:
         print(f"error: {e}", file=sys.stderr)
         if run is not None:
             run.write_error(f"{type(e).__name__}: {e}")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .ops import OPS, FactorizedReduce, ReLUConvBN, bn
+from .ops import EdgeOps, FactorizedReduce, ReLUConvBN, bn
 
 
 def edges(nodes: int) -> list[tuple[int, int]]:
@@ -27,39 +27,73 @@ def edges(nodes: int) -> list[tuple[int, int]]:
 
 
 class SearchCell(nn.Module):
+    """One cell, computed per source state: all edges leaving a state at once (:class:`~.ops.EdgeOps`).
+
+    ``sources[i]`` holds the operations of the edges that leave state i (to nodes j ≥ i − 1), stacked in the
+    order of :func:`edges`; ``source_edges[i]`` lists those edges' indices into :func:`edges`."""
+
     def __init__(self, nodes: int, c_pp: int, c_p: int, c: int, reduction_p: bool, reduction: bool,
                  ops: tuple[str, ...]):
         super().__init__()
         self.reduction = reduction
         self.nodes = nodes
+        self.n_ops = len(ops)
         self.preproc0 = FactorizedReduce(c_pp, c) if reduction_p else ReLUConvBN(c_pp, c, 1, 1, 0)
         self.preproc1 = ReLUConvBN(c_p, c, 1, 1, 0)
         self.edge_list = edges(nodes)
-        self.edge_ops = nn.ModuleList(
-            nn.ModuleList(OPS[name](c, 2 if reduction and i < 2 else 1) for name in ops)
-            for _, i in self.edge_list
-        )
+        # states 0 … nodes feed later nodes; the last node only feeds the cell's output
+        self.source_edges = [[k for k, (_, i) in enumerate(self.edge_list) if i == src] for src in range(nodes + 1)]
+        self.sources = nn.ModuleList(
+            EdgeOps(c, 2 if reduction and src < 2 else 1, len(ks), ops) for src, ks in enumerate(self.source_edges))
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
                 threshold: float = 0.0) -> torch.Tensor:
         """``weights``: ``[E, O]`` combined edge weights; terms with weight <= threshold are skipped."""
         states = [self.preproc0(s0), self.preproc1(s1)]
         active = (weights > threshold).tolist()
+        n_ops, e = self.n_ops, 0
+        for j in range(self.nodes):
+            if not any(any(active[k]) for k in range(e, e + j + 2)):  # all pruned: keep the strongest term
+                flat = int(weights[e:e + j + 2].argmax())
+                active[e + flat // n_ops][flat % n_ops] = True
+            e += j + 2
+        terms: list[list] = [[] for _ in self.edge_list]
         e = 0
         for j in range(self.nodes):
-            node_edges = range(e, e + j + 2)
-            if not any(any(active[k]) for k in node_edges):  # all pruned: keep the strongest term
-                flat = int(weights[e:e + j + 2].argmax())
-                active[e + flat // weights.shape[1]][flat % weights.shape[1]] = True
-            node = None
-            for k, i in zip(node_edges, range(j + 2)):
-                for o, op in enumerate(self.edge_ops[k]):
-                    if active[k][o]:
-                        term = weights[k, o] * op(states[i])
-                        node = term if node is None else node + term
+            for src in range(0 if j == 0 else j + 1, j + 2):  # the states that became available
+                ks = self.source_edges[src]
+                if not any(any(active[k]) for k in ks):
+                    continue
+                w = weights[ks[0]:ks[-1] + 1] if ks[-1] - ks[0] == len(ks) - 1 else weights[ks]
+                for k, t in zip(ks, self.sources[src](states[src], w, [active[k] for k in ks])):
+                    terms[k] = t
+            node_terms = [t for k in range(e, e + j + 2) for t in terms[k]]
+            if node_terms:
+                states.append(_weighted_sum(node_terms))
+            else:  # only "none" is active: zeros, as Zero(stride) computes them
+                i = next(i for i, k in enumerate(range(e, e + j + 2)) if any(active[k]))
+                stride = 2 if self.reduction and i < 2 else 1
+                states.append(states[i][:, :, ::stride, ::stride] * 0.0)
             e += j + 2
-            states.append(node)
         return torch.cat(states[2:], dim=1)
+
+
+def _weighted_sum(terms: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+    """Σ scale·out over ``(out, scale)`` terms (``scale`` None: 1), accumulating in place into a fresh tensor."""
+    (t0, s0), rest = terms[0], terms[1:]
+    if not rest:
+        return t0 if s0 is None else t0 * s0
+    if s0 is not None:
+        acc = t0 * s0
+    else:
+        (t1, s1), rest = rest[0], rest[1:]
+        acc = t0 + t1 if s1 is None else torch.addcmul(t0, t1, s1)
+    for t, s in rest:
+        if s is None:
+            acc.add_(t)
+        else:
+            acc.addcmul_(t, s)
+    return acc
 
 
 class SearchNetwork(nn.Module):

@@ -42,13 +42,12 @@ class Recorder:
         self.run = run
         self.rank = rank
 
-    def metrics(self, rows: list[dict[str, Any]]) -> None:
+    def record(self, rows: list[dict[str, Any]], payload: dict[str, Any] | None, keep: int) -> None:
+        """Called on every worker after a meta-step that logged a row and/or is due for a checkpoint."""
         if self.rank == 0:
             self.run.write_metrics(rows)
-
-    def checkpoint(self, payload: dict[str, Any], keep: int) -> None:
-        if self.rank == 0:
-            self.run.save_checkpoint(payload, keep)
+            if payload is not None:
+                self.run.save_checkpoint(payload, keep)
 
     def finish(self, summary: dict[str, Any], state: dict, cfg: Config, rows: list[dict[str, Any]]) -> None:
         if self.rank != 0:
@@ -57,9 +56,13 @@ class Recorder:
         if genotype is not None:
             genotype.save(self.run.genotype_file)
         try:
-            from .plotting import write_run_plots
-            write_run_plots(self.run.plots, rows, state["alphas"], genotype, cfg.model.ops, cfg.model.nodes,
-                            Temperature.from_config(cfg.task).final)
+            from .plotting import plot_learning_curves, write_run_plots
+            if genotype is None:  # the conv4 baseline has no architecture to draw
+                self.run.plots.mkdir(exist_ok=True)
+                plot_learning_curves(rows, self.run.plots / "learning_curves.png")
+            else:
+                write_run_plots(self.run.plots, rows, state["alphas"], genotype, cfg.model.ops, cfg.model.nodes,
+                                Temperature.from_config(cfg.task).final)
         except Exception as e:  # plots are a convenience: never lose the results over one
             log.warning("could not draw the plots: %s", e)
         self.run.write_summary(summary)
@@ -100,7 +103,8 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
         start, rows = int(resume["step"]), list(resume["metrics"])
         elapsed_before = float(resume.get("elapsed", 0.0))
         torch.set_rng_state(resume["rng"])
-        recorder.metrics(rows)  # drop rows logged after the checkpoint: no duplicates once the run goes on
+        if recorder.rank == 0:
+            recorder.run.write_metrics(rows)  # drop rows logged after the checkpoint: no duplicates
         log.info("resumed at meta-step %d of %d", start, T)
     samplers = {s: TaskSampler(getattr(splits, s), d.n_way, d.k_shot, d.n_query, cfg.run.seed, s)
                 for s in ("train", "val", "test")}
@@ -136,7 +140,8 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
         tasks_done += cfg.meta.meta_batch
         done = t + 1
         validate = cfg.eval.every > 0 and (done % cfg.eval.every == 0 or done == T)
-        if done % cfg.run.log_every == 0 or done == T or validate:
+        logged = done % cfg.run.log_every == 0 or done == T or validate
+        if logged:
             wall = time.perf_counter() - t_loop
             row = {"step": done,
                    "train_accuracy": float(summed[n_flat]) / cfg.meta.meta_batch,
@@ -148,18 +153,19 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
                 val = meta_test(net, state, samplers["val"], cfg.eval.val_tasks, cfg, comm, device, hard=False)
                 row["val_accuracy"], row["val_ci95"] = val["accuracy_soft"], val["ci95_soft"]
             rows.append(row)
-            recorder.metrics(rows)
             if comm.rank == 0:
                 left = (T - done) * wall / max(done - start, 1)
                 val_txt = f" | meta-val {row['val_accuracy']:.3f} ± {row['val_ci95']:.3f}" if validate else ""
                 log.info("step %d/%d | meta-train acc %.3f loss %.3f%s | %.1f tasks/s | %s left",
                          done, T, row["train_accuracy"], row["train_loss"], val_txt, row["tasks_per_second"],
                          _eta(left))
+        payload = None
         if done % cfg.run.checkpoint_every == 0 or done == T:
-            recorder.checkpoint({"step": done, "state": clone(state, "cpu"), "meta_optimizer": learner.state_dict(),
-                                 "metrics": rows, "rng": torch.get_rng_state(), "config": cfg.to_dict(),
-                                 "elapsed": elapsed_before + time.perf_counter() - t_start},
-                                cfg.run.keep_checkpoints)
+            payload = {"step": done, "state": clone(state, "cpu"), "meta_optimizer": learner.state_dict(),
+                       "metrics": list(rows), "rng": torch.get_rng_state(), "config": cfg.to_dict(),
+                       "elapsed": elapsed_before + time.perf_counter() - t_start}
+        if logged or payload is not None:
+            recorder.record(rows, payload, cfg.run.keep_checkpoints)
 
     train_seconds = time.perf_counter() - t_loop
     log.info("meta-testing on %d tasks of the meta-test classes", cfg.eval.test_tasks)

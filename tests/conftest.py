@@ -26,3 +26,12 @@ def synthetic_splits():
     from metanas_ray.config import load
     from metanas_ray.data import load_splits
     return load_splits(load(SMOKE).data)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (starting one costs seconds), on loopback only."""
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    yield ray
+    ray.shutdown()

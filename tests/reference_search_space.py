@@ -174,3 +174,49 @@ class SearchNetwork(nn.Module):
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, mix["reduce" if cell.reduction else "normal"], self.threshold)
         return self.classifier(s1.mean(dim=(2, 3)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameters of this per-edge layout ↔ parameters of the fast, per-source layout (metanas_ray.search_space)
+# ---------------------------------------------------------------------------------------------------------------
+
+_PARTS = {  # fast "{op}_{part}" → the per-edge module's parameter path
+    "conv_1x5_5x1": {"1x5": "1.weight", "5x1": "2.weight"},
+    "conv_3x3": {"dw": "1.weight", "pw": "2.weight"},
+    "dil_conv_3x3": {"dw": "1.weight", "pw": "2.weight"},
+    "dil_conv_5x5": {"dw": "1.weight", "pw": "2.weight"},
+    "sep_conv_3x3": {"dw1": "0.1.weight", "pw1": "0.2.weight", "dw2": "1.1.weight", "pw2": "1.2.weight"},
+    "sep_conv_5x5": {"dw1": "0.1.weight", "pw1": "0.2.weight", "dw2": "1.1.weight", "pw2": "1.2.weight"},
+    "skip_connect": {"conv1": "conv1.weight", "conv2": "conv2.weight"},
+}
+
+
+def parameter_map(fast: nn.Module) -> dict[str, list[str]]:
+    """Each parameter of the fast network → the reference parameters it stacks (along dim 0, in order)."""
+    out: dict[str, list[str]] = {}
+    for name, _ in fast.named_parameters():
+        parts = name.split(".")
+        if len(parts) == 5 and parts[0] == "cells" and parts[2] == "sources":
+            layer, src, pname = int(parts[1]), int(parts[3]), parts[4]
+            cell = fast.cells[layer]
+            op = next(o for o in cell.sources[src].ops if pname.startswith(o + "_") and pname[len(o) + 1:] in _PARTS.get(o, {}))
+            path = _PARTS[op][pname[len(op) + 1:]]
+            o = cell.sources[src].ops.index(op)
+            out[name] = [f"cells.{layer}.edge_ops.{k}.{o}.{path}" for k in cell.source_edges[src]]
+        else:
+            out[name] = [name]
+    return out
+
+
+def to_fast(ref_params: dict[str, torch.Tensor], fast: nn.Module) -> dict[str, torch.Tensor]:
+    """Reference parameters (``named_parameters`` of :class:`SearchNetwork` here) → the fast network's."""
+    return {name: torch.cat([ref_params[r] for r in refs]) for name, refs in parameter_map(fast).items()}
+
+
+def to_reference(fast_params: dict[str, torch.Tensor], fast: nn.Module) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`to_fast` (e.g. for gradients): split each stacked tensor per edge."""
+    out = {}
+    for name, refs in parameter_map(fast).items():
+        for r, part in zip(refs, fast_params[name].chunk(len(refs))):
+            out[r] = part
+    return out

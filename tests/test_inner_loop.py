@@ -80,3 +80,14 @@ def test_temperature_schedules():
     assert Temperature(1.0, 0.2, 1.0, 0.2, "constant").final == (1.0, 1.0)
     taus = [t.at(i, 10)[0] for i in range(10)]
     assert taus == sorted(taus, reverse=True)
+
+
+def test_adam_task_optimizer_first_step_is_a_normalised_gradient_step(setup):
+    net, state, task = setup
+    cfg = TaskLearnerConfig(optimizer="adam", lr_w=0.01, lr_alpha=0.02, tau_schedule="constant", grad_clip=0.0)
+    one, _ = adapt(net, state, task.x_train, task.y_train, cfg, 1)
+    g = _grads(net, state, task.x_train, task.y_train, (1.0, 1.0))
+    for part, lr in (("weights", 0.01), ("alphas", 0.02)):
+        for k in state[part]:
+            step = g[part][k] / (g[part][k].abs() + 1e-8)  # bias-corrected v = g² at the first step
+            torch.testing.assert_close(one[part][k], state[part][k] - lr * step, atol=1e-5, rtol=1e-4)

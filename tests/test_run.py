@@ -70,9 +70,9 @@ class CrashAfter(Recorder):
         super().__init__(run)
         self.step = step
 
-    def checkpoint(self, payload, keep):
-        super().checkpoint(payload, keep)
-        if payload["step"] == self.step:
+    def record(self, rows, payload, keep):
+        super().record(rows, payload, keep)
+        if payload is not None and payload["step"] == self.step:
             raise _Crash()
 
 

@@ -1,0 +1,221 @@
+"""Meta-training on Ray Train: every worker runs the DARTS inner loops of its share of each meta-batch.
+
+    python -m metanas_ray.run --config tune_configs/quick.yaml --num-workers 2   # 2 CPU processes
+    python -m metanas_ray.run --num-gpus 8                                      # 8 GPU actors, one GPU each
+    ray job submit --working-dir . -- python -m metanas_ray.run --num-gpus 8    # on a cluster (RAY_ADDRESS)
+
+One ``TorchTrainer`` runs :func:`metanas_ray.train_loop.meta_train` inside its workers for the whole run;
+the workers meet once per meta-step in one ``torch.distributed`` all-reduce of the process group that Ray
+Train set up (gloo on CPU, NCCL on GPU). Checkpoints go through ``ray.train.report`` (keep-last-N), and
+``FailureConfig`` restarts the workers from the last one when a worker dies; since each checkpoint carries
+the metrics rows logged so far, the run's metrics have no gap and no duplicate after a restart.
+
+Rank 0 writes the run directory as it goes; on a multi-node cluster ``--output`` and the data root must be
+on storage that every node sees (as Ray Train's own storage path must be).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint
+from .config import Config, ConfigError, from_dict
+from .rundir import RunDir
+from .train_loop import Recorder, meta_train
+
+log = logging.getLogger(__name__)
+
+_CKPT_FILE = "state.pt"
+_FAILED = "failed"  # a failure that a restart cannot fix is returned as {_FAILED: (kind, message)}, not raised
+
+
+class ScaleError(RuntimeError):
+    """A Ray cluster that cannot give the run what it asks for."""
+
+
+# ------------------------------------------------------------------------------------------------ workers
+class RayRecorder(Recorder):
+    """Rank 0 writes the run directory; every rank reports to Ray Train at the same meta-steps."""
+
+    def record(self, rows: list[dict[str, Any]], payload: dict[str, Any] | None, keep: int) -> None:
+        import ray.train
+
+        super().record(rows, payload, keep)
+        metrics = {k: v for k, v in rows[-1].items()} if rows else {}
+        metrics["step"] = payload["step"] if payload is not None else metrics.get("step", 0)
+        if payload is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.rank == 0:
+                checkpoint.save(Path(tmp) / _CKPT_FILE, payload)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None)
+
+    def finish(self, summary, state, cfg, rows) -> None:
+        pass  # the driver writes genotype, plots and summary once the trainer returns
+
+
+def train_func(config: dict[str, Any]) -> dict[str, Any]:
+    """The Ray Train worker function: load data once, agree that every worker could, then meta-train."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from .comm import TorchDistComm
+    from .data import DataError, check_tasks, load_splits
+    from .inner_loop import NonFiniteLossError
+
+    cfg = from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    if rank != 0:  # one progress line per meta-step, from rank 0 only
+        logging.getLogger("metanas_ray").setLevel(logging.WARNING)
+    comm = TorchDistComm()
+    device = ray.train.torch.get_device() if cfg.scale.num_gpus else torch.device("cpu")
+    error, splits = "", None
+    try:
+        splits = load_splits(cfg.data)
+        check_tasks(cfg.data, splits)
+    except DataError as e:
+        error = f"worker {rank} on {socket.gethostname()}: {e}"
+    # every worker must be able to load the data, or none starts (a lone failure would hang the others)
+    ok = comm.all_reduce_sum(torch.tensor([0.0 if error else 1.0], device=device))
+    if int(ok.item()) < comm.world:
+        return {_FAILED: ("DataError", error or "another worker could not load the dataset (see its log)")}
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # restarted by FailureConfig: continue from the last reported checkpoint
+        with ckpt.as_directory() as d:
+            resume = checkpoint.load(Path(d) / _CKPT_FILE)
+        if rank == 0:
+            log.info("restarting from the checkpoint of meta-step %d", resume["step"])
+    elif config.get("resume") is not None:
+        resume = config["resume"]
+    try:
+        return meta_train(cfg, RayRecorder(RunDir(config["run_dir"]), rank), comm, device, resume, splits)
+    except (NonFiniteLossError, ConfigError, DataError) as e:
+        return {_FAILED: (type(e).__name__, str(e))}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast (instead of Ray's long retries) when a host:port address does not answer."""
+    if address in ("", "auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ScaleError(f"--address must be host:port (or 'auto'), got '{address}'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ScaleError(f"cannot reach a Ray cluster at {address}: {e}") from None
+
+
+def init_ray(cfg: Config, dashboard: bool = False) -> bool:
+    """Connect to ``scale.address`` / ``RAY_ADDRESS``, or start a local Ray on 127.0.0.1 sized to this
+    machine. Returns whether this call started Ray (and so should shut it down)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.scale.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        _check_reachable(address)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        return True
+    ray.init(num_cpus=os.cpu_count(), num_gpus=_local_gpus(), include_dashboard=dashboard,
+             _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    return True
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+def workers_for(cfg: Config) -> tuple[int, bool, int]:
+    """(number of workers, use GPUs, torch threads per worker) for the cluster Ray is connected to."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = int(res.get("CPU", 0)), int(res.get("GPU", 0))
+    s = cfg.scale
+    if s.num_gpus:
+        if s.num_gpus > gpus:
+            raise ScaleError(f"--num-gpus {s.num_gpus} asks for more GPUs than the Ray cluster has ({gpus})")
+        return s.num_gpus, True, cfg.run.threads or max(1, cpus // s.num_gpus // 2)
+    n = s.num_workers or max(1, min(cpus, cfg.meta.meta_batch))
+    if n > cpus:
+        raise ScaleError(f"--num-workers {n} asks for more CPUs than the Ray cluster has ({cpus}); "
+                         f"each CPU worker takes one CPU")
+    return n, False, cfg.run.threads or max(1, cpus // n)
+
+
+def fit(cfg: Config, run: RunDir, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Meta-train ``cfg`` on Ray Train into ``run``; returns the summary (written to summary.json)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if cfg.data.dataset != "synthetic":  # workers have another working directory: make the data root absolute
+        cfg = cfg.override({"data.root": str(Path(cfg.data.root).expanduser().resolve())})
+    started = init_ray(cfg)
+    try:
+        n, use_gpu, threads = workers_for(cfg)
+        cfg = cfg.override({"run.threads": threads})
+        log.info("Ray Train: %d %s worker%s, %d thread%s each, %s", n, "GPU" if use_gpu else "CPU",
+                 "s" if n > 1 else "", threads, "s" if threads > 1 else "", _spread(cfg.meta.meta_batch, n))
+        env = {"OMP_NUM_THREADS": str(threads), "RAY_USAGE_STATS_ENABLED": "0"}
+        trainer = TorchTrainer(
+            train_func,
+            train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run.path), "resume": resume},
+            scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu,
+                                         resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1}),
+            run_config=RunConfig(
+                name="train", storage_path=str(run.path / "ray"),
+                failure_config=FailureConfig(max_failures=cfg.scale.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+                worker_runtime_env={"env_vars": env}, logging_config=LoggingConfig(log_level="WARNING")),
+        )
+        t0 = time.perf_counter()
+        try:
+            result = trainer.fit()
+        except Exception as e:  # restarts exhausted (ray.train.TrainingFailedError) or the trainer broke
+            raise ScaleError(f"Ray Train failed after {cfg.scale.max_failures} restarts: {e}") from None
+        if result.error is not None:
+            raise ScaleError(f"Ray Train failed: {result.error}")
+        summary = getattr(result, "return_value", None)
+        if isinstance(summary, dict) and _FAILED in summary:
+            raise _error(*summary[_FAILED])
+        payload = checkpoint.load(run.latest_checkpoint() or Path(result.checkpoint.path) / _CKPT_FILE)
+        summary = dict(summary or {})
+        summary["workers"] = n
+        summary["fit_seconds"] = time.perf_counter() - t0
+        run.write_metrics(payload["metrics"])
+        Recorder(run).finish(summary, payload["state"], cfg, payload["metrics"])
+        return summary
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _error(kind: str, message: str) -> Exception:
+    from .data import DataError
+    from .inner_loop import NonFiniteLossError
+
+    return {"DataError": DataError, "NonFiniteLossError": NonFiniteLossError,
+            "ConfigError": ConfigError}.get(kind, ScaleError)(message)
+
+
+def _spread(meta_batch: int, n: int) -> str:
+    counts = [len(range(r, meta_batch, n)) for r in range(n)]
+    return f"meta-batch of {meta_batch} tasks spread as {counts}"
