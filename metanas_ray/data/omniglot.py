@@ -1,0 +1,233 @@
+"""Omniglot (Lake et al. 2015) as MetaNAS / MAML use it: 28×28 grayscale, each 90° rotation a class of its own.
+
+Source, under the data root (``data.root`` / ``--data-root``), for each of the two official sets
+``images_background`` (30 alphabets, 964 characters) and ``images_evaluation`` (20 alphabets, 659 characters):
+the official zip ``<set>.zip`` or the folder it unpacks to, ``<set>/<Alphabet>/characterNN/*.png`` (the zip
+wins when both exist; ``<root>/omniglot-py/`` as torchvision lays it out works too). With ``download=True`` a
+missing zip is fetched from the official repository and its md5 checked (only for files downloaded here).
+
+Split (deterministic, by whole alphabets, so no character is in two splits):
+
+* meta-test: all evaluation alphabets (659 characters);
+* meta-val: ``sorted(background alphabets)[5::6]`` (indices 5, 11, 17, 23, 29: 5 of the 30 alphabets), or the
+  last alphabet when there are fewer than 6 (small fakes in tests) — see :func:`val_alphabets`;
+* meta-train: the other background alphabets.
+
+Each character gives 4 classes, its rotations by 0, 90, 180, 270 degrees (``Alphabet/character01/rot90``); the
+rotations of a character always share its split. Classes are ordered by (alphabet, character, rotation).
+
+Preprocessing: each 105×105 drawing → grayscale, PIL LANCZOS resize to ``image_size``², inverted so strokes
+are bright and the background is 0, uint8. The result (unrotated) is cached as one tensor file, see
+:func:`metanas_ray.data.tasks.cache_path` (``<root>/.metanas_cache/omniglot_<size>.pt`` or
+``$XDG_CACHE_HOME/metanas_ray/omniglot_<size>_<hash>.pt`` when the root is read-only).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .tasks import ClassPool, DataError, MetaSplits, cached_splits
+
+log = logging.getLogger(__name__)
+
+SETS = ("images_background", "images_evaluation")
+URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{}.zip"
+MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718", "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811"}
+ROTATIONS = (0, 90, 180, 270)
+SPLIT_RULE = "val=sorted(background)[5::6] or last; rot=0,90,180,270"  # part of the cache key
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+def val_alphabets(alphabets: list[str]) -> list[str]:
+    """The meta-val alphabets among the background ones: every 6th of the sorted names (indices 5, 11, ...),
+    or the last one when there are fewer than 6."""
+    names = sorted(alphabets)
+    return names[5::6] if len(names) >= 6 else names[-1:]
+
+
+@dataclass
+class _Source:
+    """One set (background or evaluation) in a zip or a folder: ``chars`` = ``[(alphabet, character, members)]``."""
+
+    path: Path
+    is_zip: bool
+    chars: list[tuple[str, str, list[str]]]
+    fingerprint: str
+
+    def read(self, zf: zipfile.ZipFile | None, member: str) -> bytes:
+        return zf.read(member) if zf is not None else (self.path / member).read_bytes()
+
+
+def _corrupt(path: Path, e: BaseException) -> DataError:
+    return DataError(f"Omniglot file {path} is corrupt or truncated ({type(e).__name__}: {e}); delete it and put a "
+                     f"good copy there (or let data.download fetch it again)")
+
+
+def _stat_fingerprint(path: Path) -> str:
+    st = path.stat()
+    return f"zip:{path.name}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _scan_zip(path: Path) -> _Source:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise _corrupt(path, e) from None
+    groups: dict[tuple[str, str], list[str]] = {}
+    for info in infos:
+        parts = info.filename.split("/")
+        if (info.is_dir() or len(parts) < 3 or not parts[-1].lower().endswith(".png")
+                or any(p.startswith(("__MACOSX", "._")) for p in parts)):
+            continue
+        groups.setdefault((parts[-3], parts[-2]), []).append(info.filename)
+    chars = [(a, c, sorted(m)) for (a, c), m in sorted(groups.items())]
+    return _Source(path, True, chars, _stat_fingerprint(path))
+
+
+def _scan_folder(path: Path) -> _Source:
+    chars, digest = [], hashlib.sha1()
+    for alphabet in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for char in sorted(p for p in alphabet.iterdir() if p.is_dir()):
+            files = sorted((e for e in os.scandir(char)
+                            if e.name.lower().endswith(".png") and not e.name.startswith(".")), key=lambda e: e.name)
+            if not files:
+                raise DataError(f"Omniglot folder {char} has no .png drawings; re-extract {path.name}.zip")
+            members = [f"{alphabet.name}/{char.name}/{e.name}" for e in files]
+            chars.append((alphabet.name, char.name, members))
+            for m, e in zip(members, files):
+                st = e.stat()
+                digest.update(f"{m}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return _Source(path, False, chars, "dir:" + digest.hexdigest())
+
+
+def _locate(root: Path, name: str) -> Path | None:
+    for base in (root, root / "omniglot-py"):
+        if (base / f"{name}.zip").is_file():
+            return base / f"{name}.zip"
+        if (base / name).is_dir():
+            return base / name
+    return None
+
+
+def _where_message(root: Path, missing: list[str]) -> str:
+    return (f"Omniglot not found in {root}: missing {' and '.join(m + '.zip' for m in missing)}. Put the official "
+            f"images_background.zip and images_evaluation.zip (https://github.com/brendenlake/omniglot/tree/master/"
+            f"python), or the folders they unpack to (images_background/<Alphabet>/characterNN/*.png, "
+            f"images_evaluation/...), into {root}, or point --data-root (data.root) at a folder that has them")
+
+
+def _download(root: Path, name: str, missing: list[str]) -> Path:
+    """Fetch ``<name>.zip`` into ``root`` (tmp file, md5 check, rename). Raises :class:`DataError` on failure."""
+    url, dest = URL.format(name), root / f"{name}.zip"
+    where = _where_message(root, missing)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    md5 = hashlib.md5()
+    log.info("downloading %s to %s", url, dest)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, open(tmp, "wb") as f:
+            while chunk := resp.read(1 << 20):
+                md5.update(chunk)
+                f.write(chunk)
+        if md5.hexdigest() == MD5[name]:
+            os.replace(tmp, dest)
+            return dest
+    except (urllib.error.URLError, OSError, ValueError) as e:  # URLError, timeouts, refused writes, bad URL
+        raise DataError(f"{where}; downloading {url} failed ({type(e).__name__}: {e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    raise DataError(f"{where}; downloaded {url} has md5 {md5.hexdigest()}, expected {MD5[name]}")
+
+
+def _decode(data: bytes, size: int) -> np.ndarray:
+    """PNG bytes → uint8 ``[size, size]``, strokes bright, background 0."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("L")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.Resampling.LANCZOS)
+        return 255 - np.asarray(im, dtype=np.uint8)
+
+
+def _read_chars(src: _Source, chars: list[tuple[str, str, list[str]]], size: int) -> ClassPool:
+    """Decode the drawings of ``chars`` into a pool of unrotated characters (``Alphabet/characterNN``)."""
+    out = np.empty((sum(len(m) for _, _, m in chars), 1, size, size), dtype=np.uint8)
+    i, member = 0, ""
+    try:
+        with zipfile.ZipFile(src.path) if src.is_zip else contextlib.nullcontext() as zf:
+            for _, _, members in chars:
+                for member in members:
+                    out[i, 0] = _decode(src.read(zf, member), size)
+                    i += 1
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, UnidentifiedImageError) as e:
+        raise _corrupt(src.path if src.is_zip else src.path / member, e) from None
+    counts = torch.tensor([0] + [len(m) for _, _, m in chars]).cumsum(0)
+    return ClassPool(torch.from_numpy(out), counts, [f"{a}/{c}" for a, c, _ in chars])
+
+
+def with_rotations(pool: ClassPool) -> ClassPool:
+    """Each class of ``pool`` → 4 classes, rotated by 0/90/180/270 degrees (ordered class-major)."""
+    if pool.n_classes == 0:
+        return pool
+    n_rot = len(ROTATIONS)
+    counts = pool.counts
+    new_starts = torch.cat([torch.zeros(1, dtype=torch.int64), counts.repeat_interleave(n_rot).cumsum(0)])
+    cls = torch.arange(pool.n_classes).repeat_interleave(counts)  # class of each image
+    pos = torch.arange(len(pool.images)) - pool.class_starts[cls]  # its position within the class
+    out = torch.empty((n_rot * len(pool.images), *pool.images.shape[1:]), dtype=torch.uint8)
+    images = pool.images.numpy()
+    for r, degrees in enumerate(ROTATIONS):  # numpy: rotates uint8 several times faster than torch here
+        rotated = torch.from_numpy(np.ascontiguousarray(np.rot90(images, degrees // 90, axes=(2, 3))))
+        out.index_copy_(0, new_starts[cls * n_rot + r] + pos, rotated)
+    names = [f"{name}/rot{d}" for name in pool.class_names for d in ROTATIONS]
+    return ClassPool(out, new_starts, names)
+
+
+def load_omniglot(root: str | Path, image_size: int = 28, download: bool = True) -> MetaSplits:
+    """Load (building the cache on first use) Omniglot's meta-train / meta-val / meta-test splits."""
+    root = Path(root).expanduser()
+    found = {name: _locate(root, name) for name in SETS}
+    missing = [name for name, p in found.items() if p is None]
+    if missing and not download:
+        raise DataError(_where_message(root, missing) + " (data.download is false)")
+    for name in missing:
+        found[name] = _download(root, name, missing)
+    # cheap fingerprints: a zip's size and mtime (its listing is read only to build), a folder's file listing
+    folders = {name: _scan_folder(path) for name, path in found.items() if path.suffix != ".zip"}
+    fingerprint = "|".join(folders[n].fingerprint if n in folders else _stat_fingerprint(found[n]) for n in SETS)
+
+    def build() -> MetaSplits:
+        sources = {n: folders[n] if n in folders else _scan_zip(found[n]) for n in SETS}
+        for name, src in sources.items():
+            if not src.chars:
+                raise DataError(f"Omniglot {src.path} holds no drawings (expected {name}/<Alphabet>/characterNN/*.png)")
+        bg, ev = sources["images_background"], sources["images_evaluation"]
+        alphabets = sorted({a for a, _, _ in bg.chars})
+        if len(alphabets) < 2:
+            raise DataError(f"Omniglot {bg.path} has {len(alphabets)} alphabet(s); need at least 2 for meta-train "
+                            f"and meta-val")
+        val = set(val_alphabets(alphabets))
+        log.info("building the Omniglot %d×%d cache from %s and %s (meta-val alphabets: %s)", image_size,
+                 image_size, bg.path, ev.path, ", ".join(sorted(val)))
+        return MetaSplits(
+            train=_read_chars(bg, [c for c in bg.chars if c[0] not in val], image_size),
+            val=_read_chars(bg, [c for c in bg.chars if c[0] in val], image_size),
+            test=_read_chars(ev, ev.chars, image_size),
+            name="omniglot", channels=1, image_size=image_size)
+
+    chars = cached_splits(root, f"omniglot_{image_size}", f"{fingerprint}|split={SPLIT_RULE}", build)
+    return MetaSplits(with_rotations(chars.train), with_rotations(chars.val), with_rotations(chars.test),
+                      "omniglot", 1, image_size, from_cache=chars.from_cache)
