@@ -120,13 +120,16 @@ def init_ray(cfg: Config, dashboard: bool = False) -> bool:
     """Connect to ``scale.address`` / ``RAY_ADDRESS``, or start a local Ray on 127.0.0.1 sized to this
     machine. Returns whether this call started Ray (and so should shut it down)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # without this Ray rewrites a 127.0.0.1 node address to the host's IP and listens on every interface
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    if ray.is_initialized():
-        return False
     address = cfg.scale.address or os.environ.get("RAY_ADDRESS", "")
     if address:
         _check_reachable(address)
+    if ray.is_initialized():
+        return False
+    if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return True
     ray.init(num_cpus=os.cpu_count(), num_gpus=_local_gpus(), include_dashboard=dashboard,
@@ -174,7 +177,7 @@ def fit(cfg: Config, run: RunDir, resume: dict[str, Any] | None = None) -> dict[
         cfg = cfg.override({"run.threads": threads})
         log.info("Ray Train: %d %s worker%s, %d thread%s each, %s", n, "GPU" if use_gpu else "CPU",
                  "s" if n > 1 else "", threads, "s" if threads > 1 else "", _spread(cfg.meta.meta_batch, n))
-        env = {"OMP_NUM_THREADS": str(threads), "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {"OMP_NUM_THREADS": str(threads), "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
         trainer = TorchTrainer(
             train_func,
             train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run.path), "resume": resume},

@@ -9,6 +9,7 @@ import torch
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every Ray port on 127.0.0.1
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
