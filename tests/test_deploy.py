@@ -20,8 +20,9 @@ def _check_command(command: str) -> None:
 
 
 def _run_commands(text: str) -> list[str]:
-    found = re.finditer(r"python -m metanas_ray\.run[^\n`\"]*", text)
-    return [m.group(0).split(" #")[0].rstrip(" \"'") for m in found]
+    found = re.finditer(r"python -m metanas_ray\.run[^\n`]*", text)
+    commands = [m.group(0).split(" #")[0].rstrip(" ") for m in found]
+    return [c[:-1] if c.count('"') % 2 else c for c in commands]  # the closing quote of a `ray exec "..."`
 
 
 def test_kuberay_rayjob_entrypoint():
