@@ -82,10 +82,12 @@ def _eta(seconds: float) -> str:
 
 
 def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.device = "cpu",
-               resume: dict[str, Any] | None = None, splits: MetaSplits | None = None) -> dict[str, Any]:
+               resume: dict[str, Any] | None = None, splits: MetaSplits | None = None,
+               final_test: bool = True) -> dict[str, Any]:
     """Run (or continue, from a checkpoint payload ``resume``) meta-training and the final meta-test.
 
-    Returns the summary (also written to ``summary.json`` by rank 0).
+    Returns the summary (also written to ``summary.json`` by rank 0). ``final_test=False`` skips the
+    meta-test (Tune trials: no test data during a sweep); its summary entries are then ``None``.
     """
     comm = comm or LocalComm()
     torch.set_num_threads(_threads(cfg, comm.world))
@@ -106,7 +108,7 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
         if recorder.rank == 0:
             recorder.run.write_metrics(rows)  # drop rows logged after the checkpoint: no duplicates
         log.info("resumed at meta-step %d of %d", start, T)
-    samplers = {s: TaskSampler(getattr(splits, s), d.n_way, d.k_shot, d.n_query, cfg.run.seed, s)
+    samplers = {s: TaskSampler(splits.pool(s), d.n_way, d.k_shot, d.n_query, cfg.run.seed, s, splits.name)
                 for s in ("train", "val", "test")}
     my_tasks = my_share(cfg.meta.meta_batch, comm)
     tau = Temperature.from_config(cfg.task).final
@@ -168,8 +170,11 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
             recorder.record(rows, payload, cfg.run.keep_checkpoints)
 
     train_seconds = time.perf_counter() - t_loop
-    log.info("meta-testing on %d tasks of the meta-test classes", cfg.eval.test_tasks)
-    test = meta_test(net, state, samplers["test"], cfg.eval.test_tasks, cfg, comm, device)
+    if final_test:
+        log.info("meta-testing on %d tasks of the meta-test classes", cfg.eval.test_tasks)
+        test = meta_test(net, state, samplers["test"], cfg.eval.test_tasks, cfg, comm, device)
+    else:
+        test = dict.fromkeys(("accuracy_soft", "ci95_soft", "accuracy_hard", "ci95_hard"), math.nan) | {"tasks": 0}
     best_val = max((r["val_accuracy"] for r in rows if not math.isnan(r["val_accuracy"])), default=math.nan)
     summary = {
         "meta_test_accuracy_soft": test["accuracy_soft"], "meta_test_ci95_soft": test["ci95_soft"],

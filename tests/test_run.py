@@ -26,7 +26,7 @@ def _final_state(out):
     return checkpoint.load(checkpoint.latest(out / "checkpoints"))
 
 
-def test_smoke_config_writes_the_whole_run_directory(tmp_path):
+def test_smoke_config_writes_the_whole_run_directory(tmp_path, capsys):
     code, out = run(tmp_path, "smoke")
     assert code == 0
     for name in ("config.yaml", "metrics.csv", "genotype.json", "summary.json", "plots/learning_curves.png",
@@ -40,6 +40,12 @@ def test_smoke_config_writes_the_whole_run_directory(tmp_path):
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [int(r["step"]) for r in rows] == [2, 4, 5, 6, 8, 10]
     assert rows[2]["val_accuracy"] and not rows[0]["val_accuracy"]
+    # the saved run can be meta-tested again
+    from metanas_ray.evaluate import main as evaluate
+    assert evaluate([str(out), "--tasks", "4", "--split", "val"]) == 0
+    printed = capsys.readouterr().out
+    again = json.loads(printed[printed.rindex("\n{\n") + 1:])
+    assert again["tasks"] == 4 and again["split"] == "val" and 0 <= again["accuracy_hard"] <= 1
 
 
 def test_a_meta_step_changes_w_and_alpha_and_seed_determines_everything(tmp_path, smoke_cfg):
