@@ -29,6 +29,7 @@ class DataConfig:
     download: bool = True  # omniglot only: fetch the official zips when absent
     n_way: int = 20  # N classes per task
     k_shot: int = 1  # k training images per class (the task's D_train)
+    train_shots: int = 0  # k of the meta-training tasks (0: k_shot); MetaNAS and REPTILE meta-train on more shots
     n_query: int = 5  # q query images per class (the task's D_test)
     image_size: int = 28  # images are resized once to image_size × image_size
     synthetic_classes: int = 40  # synthetic only: classes per split (train/val/test)
@@ -59,6 +60,7 @@ class TaskLearnerConfig:
 
     steps: int = 5  # k, inner steps during meta-training
     optimizer: str = "sgd"  # sgd (the paper's equation) | adam (β1 = 0, as the official code and REPTILE)
+    batch_size: int = 0  # images per inner step, cycling through D_train (0: all of D_train every step)
     lr_w: float = 0.1  # λ_task, SGD learning rate of the weights w
     lr_alpha: float = 0.1  # ξ_task, SGD learning rate of α and β
     tau_alpha_start: float = 1.0  # τ_α at the first inner step
@@ -303,6 +305,7 @@ def validate(cfg: Config) -> None:
     need(d.dataset in _DATASETS, "data.dataset", f"must be one of {_DATASETS}, got '{d.dataset}'")
     need(d.n_way >= 2, "data.n_way", f"must be at least 2, got {d.n_way}")
     need(d.k_shot >= 1, "data.k_shot", f"must be at least 1, got {d.k_shot}")
+    need(d.train_shots >= 0, "data.train_shots", f"must be >= 0 (0: data.k_shot), got {d.train_shots}")
     need(d.n_query >= 1, "data.n_query", f"must be at least 1, got {d.n_query}")
     need(8 <= d.image_size <= 512, "data.image_size", f"must be in 8..512, got {d.image_size}")
     need(d.synthetic_classes >= 2, "data.synthetic_classes", "must be at least 2")
@@ -332,6 +335,7 @@ def validate(cfg: Config) -> None:
     need(t.tau_schedule in ("exponential", "linear", "constant"), "task.tau_schedule",
          f"must be exponential, linear or constant, got '{t.tau_schedule}'")
     need(me.algorithm in ("reptile", "fomaml"), "meta.algorithm", f"must be 'reptile' or 'fomaml', got '{me.algorithm}'")
+    need(t.batch_size >= 0, "task.batch_size", f"must be >= 0 (0: all of D_train), got {t.batch_size}")
     need(t.optimizer in ("sgd", "adam"), "task.optimizer", f"must be 'sgd' or 'adam', got '{t.optimizer}'")
     need(me.optimizer in ("sgd", "adam"), "meta.optimizer", f"must be 'sgd' or 'adam', got '{me.optimizer}'")
     need(me.meta_batch >= 1, "meta.meta_batch", f"must be at least 1, got {me.meta_batch}")

@@ -91,6 +91,15 @@ def _clip_(grads: list[torch.Tensor], max_norm: float) -> None:
         torch._foreach_mul_(grads, scale)
 
 
+def _batches(y: torch.Tensor, size: int) -> list[torch.Tensor] | None:
+    """Minibatches of ``size`` that cycle through D_train class-balanced (shot-major order), or None for all."""
+    if size <= 0 or size >= len(y):
+        return None
+    n_way = int(y.max()) + 1
+    order = torch.arange(len(y)).view(n_way, -1).t().reshape(-1)  # shot 0 of every class, then shot 1, ...
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
 def adapt(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, cfg: TaskLearnerConfig,
           steps: int, learn_arch: bool = True) -> tuple[State, dict[str, float]]:
     """Φ^k: ``steps`` first-order DARTS steps from ``params`` on (x ``[B, C, H, W]``, y ``[B]``).
@@ -104,9 +113,11 @@ def adapt(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, cfg: 
     temperature = Temperature.from_config(cfg)
     loss = acc = None
     sq: list[torch.Tensor] = []  # Adam's second moments, per task
+    batches = _batches(y, cfg.batch_size)
     for step in range(steps):
-        logits = forward(net, {"weights": w, "alphas": a}, x, temperature.at(step, steps))
-        loss = F.cross_entropy(logits, y)
+        xb, yb = (x, y) if batches is None else (x[batches[step % len(batches)]], y[batches[step % len(batches)]])
+        logits = forward(net, {"weights": w, "alphas": a}, xb, temperature.at(step, steps))
+        loss = F.cross_entropy(logits, yb)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"the task-learner's loss became {loss.item()} at inner step {step}; "
@@ -126,7 +137,7 @@ def adapt(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, cfg: 
             torch._foreach_add_(w_list, grads[:len(w_list)], alpha=-cfg.lr_w)
             if a_list:
                 torch._foreach_add_(a_list, grads[len(w_list):], alpha=-cfg.lr_alpha)
-        acc = (logits.detach().argmax(-1) == y).float().mean()
+        acc = (logits.detach().argmax(-1) == yb).float().mean()
     adapted = {"weights": {k: v.detach() for k, v in w.items()}, "alphas": {k: v.detach() for k, v in a.items()}}
     return adapted, {"loss": float(loss.detach()), "accuracy": float(acc)}
 

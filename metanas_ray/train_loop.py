@@ -108,7 +108,8 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
         if recorder.rank == 0:
             recorder.run.write_metrics(rows)  # drop rows logged after the checkpoint: no duplicates
         log.info("resumed at meta-step %d of %d", start, T)
-    samplers = {s: TaskSampler(splits.pool(s), d.n_way, d.k_shot, d.n_query, cfg.run.seed, s, splits.name)
+    samplers = {s: TaskSampler(splits.pool(s), d.n_way, (d.train_shots or d.k_shot) if s == "train" else d.k_shot,
+                               d.n_query, cfg.run.seed, s, splits.name)
                 for s in ("train", "val", "test")}
     my_tasks = my_share(cfg.meta.meta_batch, comm)
     tau = Temperature.from_config(cfg.task).final

@@ -91,3 +91,16 @@ def test_adam_task_optimizer_first_step_is_a_normalised_gradient_step(setup):
         for k in state[part]:
             step = g[part][k] / (g[part][k].abs() + 1e-8)  # bias-corrected v = g² at the first step
             torch.testing.assert_close(one[part][k], state[part][k] - lr * step, atol=1e-5, rtol=1e-4)
+
+
+def test_minibatches_cycle_class_balanced_through_the_training_data(setup):
+    from metanas_ray.inner_loop import _batches
+    y = torch.arange(5).repeat_interleave(3)  # 5-way 3-shot, grouped by label
+    batches = _batches(y, 5)
+    assert len(batches) == 3 and all(sorted(y[b].tolist()) == [0, 1, 2, 3, 4] for b in batches)
+    assert sorted(torch.cat(batches).tolist()) == list(range(15))
+    assert _batches(y, 0) is None and _batches(y, 15) is None
+    net, state, task = setup
+    full, _ = adapt(net, state, task.x_train, task.y_train, TaskLearnerConfig(batch_size=0), 1)
+    half, _ = adapt(net, state, task.x_train, task.y_train, TaskLearnerConfig(batch_size=2), 1)
+    assert not torch.equal(full["weights"]["stem.0.weight"], half["weights"]["stem.0.weight"])

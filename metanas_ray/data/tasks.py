@@ -181,7 +181,9 @@ def check_tasks(cfg: DataConfig, splits: MetaSplits) -> dict[str, TaskSampler]:
     """Build the meta-train/val/test samplers for ``cfg``, raising :class:`DataError` when
     a split cannot give ``data.n_way``-way ``data.k_shot + data.n_query`` tasks. Seed 0; make real samplers
     with the run seed."""
-    return {s: TaskSampler(splits.pool(s), cfg.n_way, cfg.k_shot, cfg.n_query, 0, s, splits.name) for s in SPLITS}
+    train_shots = getattr(cfg, "train_shots", 0) or cfg.k_shot  # meta-training tasks may use more shots
+    return {s: TaskSampler(splits.pool(s), cfg.n_way, train_shots if s == "train" else cfg.k_shot, cfg.n_query, 0, s,
+                           splits.name) for s in SPLITS}
 
 
 # ---------------------------------------------------------------- cache
