@@ -112,25 +112,27 @@ OPS: dict[str, Callable[[int, int], nn.Module]] = {
 #
 # An edge's operation o(x) depends on the edge only through its weights, so the m edges leaving a state share
 # every parameter-free part: ReLU(x) once, max/avg pool + BN once (BN without affine parameters, on batch
-# statistics: the same for every edge), the identity. A parametric operation is run for all its m edges as
-# one convolution per stage on weights stacked along the output channels, edge-major (edge e owns output
-# channels e·C … (e+1)·C), followed by one BN over the m·C channels:
+# statistics: the same for every edge), the identity. A parametric operation runs for all its m edges as one
+# convolution per stage on weights stacked along the output channels, edge-major (edge e owns output channels
+# e·C … (e+1)·C), and one BN over the m·C channels:
 #
-#   conv_1x5_5x1   Conv(C → m·C, 1×5) → Conv(m·C → m·C, 5×1, groups=m) → BN
-#   DilConv        depthwise k×k on x once per edge → Conv(m·C → m·C, 1×1, groups=m) → BN
-#   SepConv        DilConv, then ReLU → depthwise (groups=m·C) → Conv(1×1, groups=m) → BN
-#   FactorizedReduce   Conv(C → m·C/2, 1×1, stride 2) on x and on x shifted by a pixel → BN
+#   conv_1x5_5x1      Conv(C → m·C, 1×5) → Conv(m·C → m·C, 5×1, groups=m) → BN
+#   DilConv           depthwise k×k of ReLU(x) per edge, concatenated → Conv(m·C → m·C, 1×1, groups=m) → BN
+#   SepConv           DilConv, then ReLU → depthwise (groups=m·C) → Conv(1×1, groups=m) → BN
+#   FactorizedReduce  Conv(C → m·C/2, 1×1, stride 2) on ReLU(x) and on it shifted by a pixel → BN
 #
-# The parameter count is that of m separate edges (a grouped/stacked conv has exactly their weights) and
-# PyTorch's default initialisation per edge is unchanged (the fan-in of each stacked weight is an edge's).
-# The edge's mixture weight is folded into the last BN as its per-channel scale (w·BN(z) = BN(z; γ = w)).
+# The parameter count is that of m separate edges (a stacked or grouped conv holds exactly their weights), and
+# PyTorch's default initialisation is unchanged per edge (the fan-in of a stacked weight is one edge's).
+# An edge's mixture weight is folded into the last BN as its per-channel scale: w·BN(z) = BN(z; γ = w).
+#
+# Measured choices (oneDNN on an AVX-512 CPU, NHWC, 20×28×28 images, 28 channels): the first depthwise stage
+# runs once per edge on the shared C-channel input (repeating the input m times and one m·C-channel conv was
+# slower); a dilated stride-2 depthwise conv runs as an undilated stride-1 conv on the input subsampled by 2
+# (the same sums; oneDNN's dilated depthwise backward is a slow generic kernel: ~10× faster this way).
 # ---------------------------------------------------------------------------------------------------------------
 
-_DIL = {  # depthwise-separable: (kernel, padding, dilation)
-    "conv_3x3": (3, 1, 1), "dil_conv_3x3": (3, 2, 2), "dil_conv_5x5": (5, 4, 2),
-}
+_DIL = {"conv_3x3": (3, 1, 1), "dil_conv_3x3": (3, 2, 2), "dil_conv_5x5": (5, 4, 2)}  # kernel, padding, dilation
 _SEP = {"sep_conv_3x3": (3, 1), "sep_conv_5x5": (5, 2)}  # kernel, padding
-_SHARED = ("max_pool_3x3", "avg_pool_3x3")
 
 
 def _bn(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,23 +140,16 @@ def _bn(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     return F.batch_norm(x, None, None, scale, None, True, 0.0, 1e-5)
 
 
-def _depthwise(x: torch.Tensor, w: torch.Tensor, copies: int, stride: int, padding: int,
-               dilation: int) -> torch.Tensor:
-    """Depthwise conv of ``copies`` stacked edges: ``x`` ``[B, C·n, H, W]`` (``copies`` = 1) or the shared
-    input ``[B, C, H, W]`` used by every edge (``copies`` = n); ``w`` ``[n·C, 1, k, k]``."""
-    if copies == 1:
-        return F.conv2d(x, w, None, stride, padding, dilation, w.shape[0])
-    c = x.shape[1]
-    # one depthwise conv per edge on the shared input (C channels: oneDNN's fast depthwise path), then
-    # concatenated along the channels for the grouped 1×1 conv
-    return torch.cat([F.conv2d(x, w[e * c:(e + 1) * c], None, stride, padding, dilation, c)
-                      for e in range(copies)], dim=1)
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return (torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format)
 
 
 class EdgeOps(nn.Module):
     """The operations ``ops`` on the ``m`` edges that leave one state (stride ``stride``, ``c`` channels).
 
-    Weights ``{op}_{part}`` are stacked over the edges along dim 0 (edge-major, ``rows`` rows per edge)."""
+    Parameter ``{op}_{part}`` is the edges' weights of that part stacked along dim 0, edge-major; ``shapes``
+    gives one edge's shape of each."""
 
     def __init__(self, c: int, stride: int, m: int, ops: tuple[str, ...]):
         super().__init__()
@@ -162,7 +157,7 @@ class EdgeOps(nn.Module):
         if unknown:
             raise ValueError(f"unknown operations {unknown}; known: {', '.join(OPS)}")
         self.c, self.stride, self.m, self.ops = c, stride, m, tuple(ops)
-        self.shapes: dict[str, tuple[int, ...]] = {}  # parameter name → one edge's shape
+        self.shapes: dict[str, tuple[int, ...]] = {}
         for name in ops:
             if name == "conv_1x5_5x1":
                 self._add(name, "1x5", (c, c, 1, 5))
@@ -182,37 +177,55 @@ class EdgeOps(nn.Module):
         self.reset_parameters()
 
     def _add(self, op: str, part: str, shape: tuple[int, ...]) -> None:
-        name = f"{op}_{part}"
-        self.shapes[name] = shape
-        self.register_parameter(name, nn.Parameter(torch.empty(self.m * shape[0], *shape[1:])))
+        self.shapes[f"{op}_{part}"] = shape
+        self.register_parameter(f"{op}_{part}", nn.Parameter(torch.empty(self.m * shape[0], *shape[1:])))
 
     def reset_parameters(self) -> None:
-        for p in self.parameters():  # nn.Conv2d's default, per edge (the fan-in of a stacked weight is an edge's)
+        for p in self.parameters():  # nn.Conv2d's default (the fan-in of a stacked weight is one edge's)
             nn.init.kaiming_uniform_(p, a=math.sqrt(5))
 
     def _rows(self, name: str, sel: list[int]) -> torch.Tensor:
-        """The stacked weight ``name`` of the edges ``sel`` (local indices, ascending)."""
+        """The stacked weight ``name`` restricted to the edges ``sel`` (local indices, ascending)."""
         w = getattr(self, name)
-        r = self.shapes[name][0]
         if len(sel) == self.m:
             return w
+        r = self.shapes[name][0]
         if sel[-1] - sel[0] == len(sel) - 1:  # a contiguous run: a view
             return w.narrow(0, sel[0] * r, len(sel) * r)
         return torch.cat([w.narrow(0, e * r, r) for e in sel])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor,
                 active: list[list[bool]]) -> list[list[tuple[torch.Tensor, torch.Tensor | None]]]:
-        """``x``: the source state; ``weights`` ``[m, O]`` its edges' mixture weights; ``active[e][o]``: which
-        terms to compute. Returns per edge the terms ``(out, scale)``: the edge's output is Σ scale·out
-        (``scale`` None: already scaled). "none" contributes no term."""
+        """The terms of the edges leaving ``x``.
+
+        ``weights`` ``[m, O]``: these edges' mixture weights; ``active[e][o]``: whether term (e, o) is computed.
+        Returns per edge a list of ``(out, scale)``: the edge's output is Σ scale·out (``scale`` None: already
+        scaled). "none" contributes no term."""
         c, s, m = self.c, self.stride, self.m
         terms: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = [[] for _ in range(m)]
-        relu = None
+        cache: dict[str, torch.Tensor] = {}
+
+        def relu() -> torch.Tensor:
+            if "relu" not in cache:
+                cache["relu"] = F.relu(x)
+            return cache["relu"]
+
+        def depthwise_first(w: torch.Tensor, n: int, pad: int, dil: int) -> torch.Tensor:
+            """Depthwise conv of the shared ReLU(x) with each of the n edges' kernels, concatenated."""
+            inp, stride = relu(), s
+            if s > 1 and dil == s and pad % s == 0:  # dilation = stride: an undilated conv of every s-th pixel
+                if "sub" not in cache:
+                    r = relu()
+                    cache["sub"] = r[:, :, ::s, ::s].contiguous(memory_format=_memory_format(r))
+                inp, stride, pad, dil = cache["sub"], 1, pad // s, 1
+            outs = [F.conv2d(inp, w[e * c:(e + 1) * c], None, stride, pad, dil, c) for e in range(n)]
+            return outs[0] if n == 1 else torch.cat(outs, dim=1)
+
         for o, name in enumerate(self.ops):
             sel = [e for e in range(m) if active[e][o]]
             if not sel or name == "none":
                 continue
-            if name in _SHARED or (name == "skip_connect" and s == 1):
+            if name in ("max_pool_3x3", "avg_pool_3x3") or (name == "skip_connect" and s == 1):
                 if name == "skip_connect":
                     out = x
                 elif name == "max_pool_3x3":
@@ -222,32 +235,30 @@ class EdgeOps(nn.Module):
                 for e in sel:
                     terms[e].append((out, weights[e, o]))
                 continue
-            if relu is None:
-                relu = F.relu(x)
             n = len(sel)
-            scale = (weights[:, o] if n == m else weights[sel, o]).repeat_interleave(c)
             if name == "conv_1x5_5x1":
-                y = F.conv2d(relu, self._rows(f"{name}_1x5", sel), None, (1, s), (0, 2))
+                y = F.conv2d(relu(), self._rows(f"{name}_1x5", sel), None, (1, s), (0, 2))
                 y = F.conv2d(y, self._rows(f"{name}_5x1", sel), None, (s, 1), (2, 0), 1, n)
             elif name in _DIL:
-                k, pad, dil = _DIL[name]
-                y = _depthwise(relu, self._rows(f"{name}_dw", sel), n, s, pad, dil)
+                _, pad, dil = _DIL[name]
+                y = depthwise_first(self._rows(f"{name}_dw", sel), n, pad, dil)
                 y = F.conv2d(y, self._rows(f"{name}_pw", sel), None, 1, 0, 1, n)
             elif name in _SEP:
-                k, pad = _SEP[name]
-                y = _depthwise(relu, self._rows(f"{name}_dw1", sel), n, s, pad, 1)
+                pad = _SEP[name][1]
+                y = depthwise_first(self._rows(f"{name}_dw1", sel), n, pad, 1)
                 y = _bn(F.conv2d(y, self._rows(f"{name}_pw1", sel), None, 1, 0, 1, n))
-                y = _depthwise(F.relu(y), self._rows(f"{name}_dw2", sel), 1, 1, pad, 1)
+                y = F.conv2d(F.relu(y), self._rows(f"{name}_dw2", sel), None, 1, pad, 1, n * c)
                 y = F.conv2d(y, self._rows(f"{name}_pw2", sel), None, 1, 0, 1, n)
-            else:  # skip_connect at stride 2: FactorizedReduce per edge
-                shifted = F.pad(relu, (0, 1, 0, 1))[:, :, 1:, 1:]
-                a = F.conv2d(relu, self._rows(f"{name}_conv1", sel), None, 2)
+            else:  # skip_connect at stride 2: FactorizedReduce
+                r = relu()
+                shifted = F.pad(r, (0, 1, 0, 1))[:, :, 1:, 1:]
+                a = F.conv2d(r, self._rows(f"{name}_conv1", sel), None, 2)
                 b = F.conv2d(shifted, self._rows(f"{name}_conv2", sel), None, 2)
-                fmt = (torch.channels_last if relu.dim() == 4 and not relu.is_contiguous()
-                       and relu.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+                # per edge: its c//2 channels of a, then its c - c//2 channels of b
                 y = torch.cat([a.unflatten(1, (n, c // 2)), b.unflatten(1, (n, c - c // 2))], dim=2)
-                y = y.flatten(1, 2).contiguous(memory_format=fmt)
-            y = _bn(y, scale)
-            for p, e in enumerate(sel):
-                terms[e].append((y[:, p * c:(p + 1) * c], None))
+                y = y.flatten(1, 2).contiguous(memory_format=_memory_format(r))
+            scale = (weights[:, o] if n == m else weights[sel, o]).repeat_interleave(c)
+            # split, not sliced: its backward is one concatenation, not a zero-filled copy per edge
+            for e, out in zip(sel, _bn(y, scale).split(c, dim=1)):
+                terms[e].append((out, None))
         return terms

@@ -11,6 +11,13 @@ parameter: it is passed to ``forward`` as one ``[E, O]`` matrix per cell type of
 
 Architecture tensors (one set per cell type ``t`` in ``normal``/``reduce``):
 ``alpha_t``: ``[E, O]`` operation logits, ``beta_t``: ``[E]`` input logits, E = Σ_j (j + 2) edges, O operations.
+
+A cell is computed per source state, not per edge: all edges leaving a state run together
+(:class:`~.ops.EdgeOps`: the shared ReLU, pools and identity once, each parametric operation as one set of
+kernels on weights stacked over the edges), then node j = Σ_(e, o) w[e, o] · out[e, o]. Terms with weight
+<= ``threshold`` are not computed (soft-pruning); a node whose terms are all pruned keeps its strongest. The
+function is the per-edge one's (``tests/test_search_space_fast.py`` checks logits and gradients against it).
+Activations are NHWC when ``channels_last`` (oneDNN's fast kernels on the CPU).
 """
 from __future__ import annotations
 
@@ -105,6 +112,7 @@ class SearchNetwork(nn.Module):
         c_stem = cfg.stem_multiplier * c
         self.stem = nn.Sequential(nn.Conv2d(in_channels, c_stem, 3, 1, 1, bias=False), bn(c_stem, affine=True))
         self.threshold = cfg.prune_threshold
+        self.channels_last = cfg.channels_last  # NHWC activations (build_network sets it from the config too)
         self.nodes = cfg.nodes
         self.ops = cfg.ops
         self.cells = nn.ModuleList()
@@ -122,6 +130,8 @@ class SearchNetwork(nn.Module):
     def forward(self, x: torch.Tensor, mix: dict[str, torch.Tensor]) -> torch.Tensor:
         """``x``: ``[B, C, H, W]``; ``mix``: ``{"normal": [E, O], "reduce": [E, O]}`` → logits ``[B, n_classes]``."""
         s0 = s1 = self.stem(x)
+        if self.channels_last:  # (the stem's 1-channel input does not decide the layout: make it explicit)
+            s0 = s1 = s0.contiguous(memory_format=torch.channels_last)
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, mix["reduce" if cell.reduction else "normal"], self.threshold)
         return self.classifier(s1.mean(dim=(2, 3)))

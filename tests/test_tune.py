@@ -1,0 +1,189 @@
+"""Tune sweeps: a smoke sweep end to end (ASHA stops trials, every output, best_config.yaml runs), resume
+keeps finished trials, the searcher seed fixes the trial configurations, bad input fails before any trial."""
+import csv
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from ray import tune
+
+from metanas_ray import run as run_cli
+from metanas_ray import tune as sweep_mod
+from metanas_ray.tune import REPORTED, load_sweep, main, run_sweep, sample_configs
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.timeout(300)
+
+SWEEP_SMOKE = ROOT / "tune_configs" / "sweep_smoke.yaml"
+OUTPUTS = ("trials.csv", "best_config.yaml", "summary.json", "plots/val_curves.png", "plots/search_values.png",
+           "sweep.yaml", "base_config.yaml")
+
+
+def _sweep_file(tmp_path, name="sweep.yaml", **changes):
+    """The smoke sweep with top-level ``changes``, written into tmp_path; base as an absolute path."""
+    raw = yaml.safe_load(SWEEP_SMOKE.read_text())
+    raw["base"] = str(ROOT / "tune_configs" / "smoke.yaml")
+    raw.update(changes)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _rows(out):
+    return list(csv.DictReader((out / "trials.csv").open()))
+
+
+def test_smoke_sweep_stops_bad_trials_writes_every_output_and_its_best_config_runs(ray_session, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    start = time.time()
+    assert main(["--config", str(SWEEP_SMOKE), "--output", str(out), "--verbose", "0"]) == 0
+    seconds = time.time() - start
+    assert seconds < 60, f"the smoke sweep took {seconds:.0f} s"
+    for name in OUTPUTS:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+
+    rows = _rows(out)
+    expected = sample_configs(load_sweep(SWEEP_SMOKE))
+    assert len(rows) == len(expected) == 4
+    for row, values in zip(rows, expected):  # the trials Tune ran are the ones the seeded searcher previews
+        assert float(row["task.lr_w"]) == values["task.lr_w"]
+        assert float(row["task.tau_alpha_end"]) == pytest.approx(values["task.tau_alpha_end"], rel=1e-12)
+        assert row["task.tau_schedule"] == values["task.tau_schedule"]
+        assert row["seed"] == "0" and row["status"] == "TERMINATED"
+    stopped = {float(r["task.lr_w"]) for r in rows if r["stopped_early"] == "True"}
+    assert {0.01, 0.02} <= stopped  # the bad inner learning rates (chance level) are cut at the first rung
+    for r in rows:
+        assert int(r["meta_steps"]) == (2 if r["stopped_early"] == "True" else 6)
+        assert float(r["best_val_accuracy"]) >= float(r["last_val_accuracy"]) - 1e-9
+
+    summary = json.loads((out / "summary.json").read_text())
+    best = max(rows, key=lambda r: float(r["best_val_accuracy"]))
+    assert summary["best_trial"] == best["trial_id"] and summary["best_values"]["task.lr_w"] in (3.0, 2.0)
+    assert summary["trials"] == 4 and summary["trials_errored"] == 0
+    assert summary["trials_stopped_early"] == len([r for r in rows if r["stopped_early"] == "True"]) >= 2
+    assert summary["trials_finished"] + summary["trials_stopped_early"] == 4
+    assert summary["trial_steps"] == sum(int(r["meta_steps"]) for r in rows)
+    assert summary["searcher_seed"] == 0 and summary["meta_test_tasks"] == 8
+    for key in ("meta_test_accuracy_soft", "meta_test_accuracy_hard", "meta_test_ci95_soft", "meta_test_ci95_hard"):
+        assert 0.0 <= summary[key] <= 1.0, key
+
+    progress = list(csv.DictReader(next((out / "tune").glob(f"trial_{best['trial_id']}/progress.csv")).open()))
+    assert set(REPORTED) | {"step"} <= set(progress[0])  # what the sweep may name as its metric is reported
+    assert [int(p["step"]) for p in progress] == [2, 4, 6]  # one report per meta-validation
+
+    capsys.readouterr()
+    best_run = tmp_path / "best_run"
+    assert run_cli.main(["--config", str(out / "best_config.yaml"), "--in-process", "--output", str(best_run)]) == 0
+    rerun = json.loads((best_run / "summary.json").read_text())
+    if summary["meta_test_checkpoint_step"] == rerun["meta_steps"]:  # same config, same final state, same test
+        assert rerun["meta_test_accuracy_soft"] == pytest.approx(summary["meta_test_accuracy_soft"], abs=1e-6)
+
+
+class _InterruptAfterFirstTrial(tune.Callback):
+    """Sends the driver SIGUSR1 (Tune's graceful stop, as Ctrl+C) once a trial has ended, once: the restored
+    experiment holds this callback too."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, tmp_path, capsys):
+    sweep_file = _sweep_file(tmp_path, search={"task.lr_w": {"grid": [3.0, 0.01]},
+                                               "task.tau_alpha_end": {"uniform": [0.05, 0.5]}},
+                             scheduler={"name": "fifo"})
+    out = tmp_path / "sweep"
+    s = sweep_mod.prepare(sweep_file, out, resume=False)
+    first = run_sweep(s, out, callbacks=[_InterruptAfterFirstTrial(tmp_path / "interrupted")])
+    assert first.interrupted and not (out / "summary.json").exists()
+    finished = {t.trial_id: t for t in first.trials if t.status == "TERMINATED"}
+    assert len(finished) == 1, [(t.trial_id, t.status) for t in first.trials]
+    results_before = {tid: (out / "tune" / f"trial_{tid}" / "result.json").read_text() for tid in finished}
+
+    capsys.readouterr()
+    assert main(["--output", str(out), "--resume", "--verbose", "0"]) == 0
+    rows = _rows(out)
+    assert [r["status"] for r in rows] == ["TERMINATED"] * 2
+    assert [int(r["meta_steps"]) for r in rows] == [6, 6]  # fifo: every trial runs to the end
+    for tid, text in results_before.items():  # a rerun would have appended to (or rewritten) its results
+        assert (out / "tune" / f"trial_{tid}" / "result.json").read_text() == text
+        row = next(r for r in rows if r["trial_id"] == tid)
+        assert float(row["best_val_accuracy"]) == pytest.approx(finished[tid].best)
+    for r in rows:  # resumed trials continued from their checkpoint: one report per meta-validation, no repeats
+        steps = [json.loads(line)["step"] for line in
+                 (out / "tune" / f"trial_{r['trial_id']}" / "result.json").read_text().splitlines()]
+        assert steps == sorted(set(steps)) and steps[-1] == 6
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trials"] == 2 and summary["trial_steps"] == 12
+    assert main(["--output", str(out), "--resume", "--config", str(SWEEP_SMOKE)]) == 2  # another sweep file
+    assert "differs" in capsys.readouterr().err
+
+
+def test_the_searcher_seed_fixes_the_trial_configurations(tmp_path):
+    s = load_sweep(_sweep_file(tmp_path, num_samples=3, trial_seed="sampled"))
+    first, again = sample_configs(s), sample_configs(s)
+    assert len(first) == 12 and first == again
+    assert len({c["run.seed"] for c in first}) == 12  # a recorded seed per trial, drawn by the seeded searcher
+    other = sample_configs(load_sweep(_sweep_file(tmp_path, "b.yaml", num_samples=3, trial_seed="sampled", seed=1)))
+    assert [c["task.tau_alpha_end"] for c in other] != [c["task.tau_alpha_end"] for c in first]
+    assert [c["task.lr_w"] for c in first[:4]] == [3.0, 2.0, 0.01, 0.02]  # grid values in the order written
+
+
+BAD = [
+    ({"search": {"task.nope": {"uniform": [0.1, 1.0]}}}, "unknown config key 'task.nope'"),
+    ({"search": {"task.lr_w": {"uniform": [1]}}}, "uniform needs [low, high]"),
+    ({"search": {"task.tau_schedule": {"choice": []}}}, "choice needs a non-empty list"),
+    ({"search": {"task.lr_w": {"gaussian": [0.1, 1.0]}}}, "unknown distribution 'gaussian'"),
+    ({"search": {"task.lr_w": {"uniform": [1.0, 0.1]}}}, "low 1.0 is above high 0.1"),
+    ({"search": {"task.lr_w": {"loguniform": [0.0, 1.0]}}}, "loguniform needs 0 < low"),
+    ({"search": {"task.lr_w": 0.1}}, "must be one {distribution: arguments} mapping"),
+    ({"search": {"meta.meta_batch": {"uniform": [1, 5]}}}, "integer key; use randint"),
+    ({"metric": "test_accuracy"}, "metric 'test_accuracy' is never reported"),
+    ({"base": "no_such_config.yaml"}, "base config not found: no_such_config.yaml"),
+    ({"resources": {"cpu": 64, "workers": 1}}, "a trial needs 64 CPU"),
+    ({"resources": {"cpu": 1, "gpu": 1, "workers": 2}}, "a trial needs 2 GPU"),
+    ({"search": {"task.tau_schedule": {"choice": ["exponential", "cosine"]}}},
+     "choice value 'cosine' is invalid: config key 'task.tau_schedule' must be exponential"),
+    ({"search": {"task.lr_w": {"uniform": [-1.0, 1.0]}}}, "uniform value -1.0 is invalid"),
+    ({"search": {"task.tau_alpha_end": {"uniform": [0.5, 2.0]}}},
+     "config key 'task.tau_alpha_end' must not exceed task.tau_alpha_start"),
+    ({"search": {"task.lr_w": {"grid": [0.1]}}, "overrides": {"eval.every": 0}}, "eval.every is 0"),
+]
+
+
+@pytest.mark.parametrize("changes, needle", BAD + [({}, "data.n_way=50 but the meta-train split")],
+                         ids=[b[1][:40] for b in BAD] + ["--set data.n_way=50"])
+def test_bad_input_fails_with_one_line_before_any_trial(ray_session, tmp_path, capsys, changes, needle):
+    out = tmp_path / "sweep"
+    start = time.time()
+    extra = ["--set", "data.n_way=50"] if not changes else []  # more classes than the data has
+    assert main(["--config", str(_sweep_file(tmp_path, **changes)), "--output", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and needle in err[-1], err
+    assert not (out / "tune").exists()  # no trial was started
+    assert time.time() - start < 20
+
+
+@pytest.mark.skipif(os.environ.get("METANAS_SLOW_TESTS") != "1",
+                    reason="Ray Train trials pay ~20 s of worker startup each; METANAS_SLOW_TESTS=1 runs it")
+def test_trials_on_ray_train_workers_match_trials_in_process(ray_session, tmp_path):
+    runs = {}
+    for name, workers in (("process", 1), ("train", 2)):
+        path = _sweep_file(tmp_path, f"{name}.yaml", search={"task.lr_w": {"grid": [3.0]}}, scheduler="fifo",
+                           resources={"cpu": 1, "workers": workers}, max_concurrent=1)
+        assert main(["--config", str(path), "--output", str(tmp_path / name), "--verbose", "0"]) == 0
+        runs[name] = _rows(tmp_path / name)[0]
+    assert (tmp_path / "train" / "train").is_dir()  # the per-trial TorchTrainer runs
+    assert runs["train"]["meta_steps"] == runs["process"]["meta_steps"] == "6"
+    # meta-training does not depend on the number of workers (train_loop), so neither does the ranking
+    assert float(runs["train"]["best_val_accuracy"]) == pytest.approx(float(runs["process"]["best_val_accuracy"]),
+                                                                      abs=1e-4)
