@@ -1,6 +1,6 @@
 """ASHA against running every trial to the end (FIFO), on the same search space and searcher seed.
 
-    python -m benchmarks.tune_efficiency                        # defaults: ~12 min on 2 loaded cores
+    python -m benchmarks.tune_efficiency            # defaults: 21 min measured on 2 shared cores (load 3-13)
     python -m benchmarks.tune_efficiency --trials 16 --meta-steps 96 --eval-every 8 --grace 8 --meta-batch 2
     python -m benchmarks.tune_efficiency --data-root /data/omniglot --json /tmp/eff.json
 

@@ -173,8 +173,6 @@ def test_bad_input_fails_with_one_line_before_any_trial(ray_session, tmp_path, c
     assert time.time() - start < 20
 
 
-@pytest.mark.skipif(os.environ.get("METANAS_SLOW_TESTS") != "1",
-                    reason="Ray Train trials pay ~20 s of worker startup each; METANAS_SLOW_TESTS=1 runs it")
 def test_trials_on_ray_train_workers_match_trials_in_process(ray_session, tmp_path):
     runs = {}
     for name, workers in (("process", 1), ("train", 2)):
