@@ -111,7 +111,6 @@ class ScaleConfig:
     num_workers: int = 0  # CPU workers (0: a sensible default for the machine)
     num_gpus: int = 0  # GPU workers, one GPU each
     address: str = ""  # a Ray cluster to join ("": RAY_ADDRESS or a local Ray on 127.0.0.1)
-    bf16: bool = False  # bf16 autocast in the inner loop (GPU only)
     max_failures: int = 3  # restarts from the last checkpoint when a worker dies
 
 
