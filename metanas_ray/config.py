@@ -251,19 +251,23 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def read_yaml_mapping(path: str | Path, what: str, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """The mapping a YAML file holds; ``error`` (naming ``what`` and the file) when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{what} {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(values, dict):
+        raise error(f"{what} {path} must hold a mapping, got {type(values).__name__}")
+    return values
+
+
 def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read a YAML run config (``None``: the defaults) and apply dotted overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
+    values = read_yaml_mapping(path, "config file") if path is not None else {}
     values = _merge(Config().to_dict(), values)
     if overrides:
         values = _merge(values, _nest(overrides))

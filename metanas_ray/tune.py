@@ -53,7 +53,7 @@ from typing import Any, Sequence
 import yaml
 
 from . import checkpoint
-from .config import Config, ConfigError, flat_keys, from_dict, load, parse_overrides, save
+from .config import Config, ConfigError, flat_keys, from_dict, load, parse_overrides, read_yaml_mapping, save
 from .data import DataError, check_tasks, load_splits
 from .ray_train import ScaleError
 from .train_loop import Recorder, meta_train
@@ -181,14 +181,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     """Read and check a sweep file (``overrides``: more fixed overrides, e.g. from ``--set``): everything
     that needs no Ray cluster and no data."""
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SweepError(f"sweep file {path} is not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(raw, dict):
-        raise SweepError(f"sweep file {path} must hold a mapping, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "sweep file", SweepError)
     unknown = sorted(set(raw) - _SWEEP_KEYS)
     if unknown:
         raise SweepError(f"unknown sweep key '{unknown[0]}'; known: {', '.join(sorted(_SWEEP_KEYS))}")
