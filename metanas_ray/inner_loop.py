@@ -122,7 +122,8 @@ def adapt(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, cfg: 
             raise NonFiniteLossError(
                 f"the task-learner's loss became {loss.item()} at inner step {step}; "
                 f"lower task.lr_w (λ_task={cfg.lr_w}) or task.lr_alpha (ξ_task={cfg.lr_alpha})")
-        grads = list(torch.autograd.grad(loss, w_list + a_list))
+        # soft-pruned terms leave some weights out of the graph: their gradient is zero
+        grads = list(torch.autograd.grad(loss, w_list + a_list, allow_unused=True, materialize_grads=True))
         _clip_(grads[:len(w_list)], cfg.grad_clip)
         _clip_(grads[len(w_list):], cfg.grad_clip)
         with torch.no_grad():
@@ -156,7 +157,7 @@ def query_gradient(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tens
     p = {part: {k: v.detach().requires_grad_(True) for k, v in d.items()} for part, d in params.items()}
     loss = F.cross_entropy(forward(net, p, x, tau), y)
     flat = [v for d in p.values() for v in d.values()]
-    grads = iter(torch.autograd.grad(loss, flat))
+    grads = iter(torch.autograd.grad(loss, flat, allow_unused=True, materialize_grads=True))
     return {part: {k: next(grads) for k in d} for part, d in p.items()}
 
 

@@ -104,3 +104,21 @@ def test_minibatches_cycle_class_balanced_through_the_training_data(setup):
     full, _ = adapt(net, state, task.x_train, task.y_train, TaskLearnerConfig(batch_size=0), 1)
     half, _ = adapt(net, state, task.x_train, task.y_train, TaskLearnerConfig(batch_size=2), 1)
     assert not torch.equal(full["weights"]["stem.0.weight"], half["weights"]["stem.0.weight"])
+
+
+def test_soft_pruned_terms_get_zero_gradient_and_do_not_break_the_task_learner(smoke_cfg, synthetic_splits):
+    from metanas_ray.data import TaskSampler
+    cfg = smoke_cfg.override({"model.prune_threshold": 0.05})
+    net = build_network(cfg, 1)
+    state = init_state(cfg, net)
+    for k in state["alphas"]:  # anneal: one operation per edge carries almost all the weight
+        if k.startswith("alpha_"):
+            state["alphas"][k] = torch.zeros_like(state["alphas"][k])
+            state["alphas"][k][:, 4] = 10.0
+    task = TaskSampler(synthetic_splits.train, 5, 1, 3, 0, "train").sample(0, 0)
+    adapted, _ = adapt(net, state, task.x_train, task.y_train, TaskLearnerConfig(), 2)
+    moved = {k for k in state["weights"] if not torch.equal(adapted["weights"][k], state["weights"][k])}
+    assert moved and len(moved) < len(state["weights"])  # pruned operations' weights got no update
+    from metanas_ray.inner_loop import query_gradient
+    g = query_gradient(net, adapted, task.x_query, task.y_query, (0.1, 0.1))
+    assert all(torch.isfinite(v).all() for v in g["weights"].values())
