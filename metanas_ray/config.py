@@ -128,18 +128,19 @@ class Config:
         validate(self)
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     def override(self, updates: dict[str, Any]) -> "Config":
         """A copy with dotted-key updates applied (``{"task.lr_w": 0.1}``)."""
         return from_dict(_merge(self.to_dict(), _nest(updates)))
 
 
-def _plain(obj: Any) -> Any:
+def plain(obj: Any) -> Any:
+    """Tuples to lists, recursively: what YAML and JSON writers take."""
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     return obj
 
 

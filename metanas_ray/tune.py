@@ -53,7 +53,7 @@ from typing import Any, Sequence
 import yaml
 
 from . import checkpoint
-from .config import Config, ConfigError, flat_keys, from_dict, load, parse_overrides, read_yaml_mapping, save
+from .config import Config, ConfigError, flat_keys, from_dict, load, parse_overrides, plain, read_yaml_mapping, save
 from .data import DataError, check_tasks, load_splits
 from .ray_train import ScaleError
 from .train_loop import Recorder, meta_train
@@ -115,15 +115,7 @@ class Sweep:
 
     def save(self, directory: Path) -> None:
         save(self.base, directory / "base_config.yaml")
-        (directory / "sweep.yaml").write_text(yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
+        (directory / "sweep.yaml").write_text(yaml.safe_dump(plain(self.to_dict()), sort_keys=False))
 
 
 def _number(key: str, value: Any, what: str) -> float:
@@ -607,7 +599,7 @@ def _finish(s: Sweep, out: Path, trials: list[TrialRecord], elapsed: float) -> d
         "search": {k: {d: list(a)} for k, (d, a) in s.search.items()},
         "wall_seconds": elapsed,
     }
-    (out / "summary.json").write_text(json.dumps(_plain(summary), indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(plain(summary), indent=2) + "\n")
     return summary
 
 
