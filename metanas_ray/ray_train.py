@@ -116,9 +116,11 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         raise ScaleError(f"cannot reach a Ray cluster at {address}: {e}") from None
 
 
-def init_ray(cfg: Config, dashboard: bool = False) -> bool:
+def init_ray(cfg: Config, dashboard: bool = True) -> bool:
     """Connect to ``scale.address`` / ``RAY_ADDRESS``, or start a local Ray on 127.0.0.1 sized to this
-    machine. Returns whether this call started Ray (and so should shut it down)."""
+    machine. Returns whether this call started Ray (and so should shut it down). The dashboard (on
+    127.0.0.1) serves the state API that Ray Train's placement-group cleaner polls; without it that cleaner
+    logs a warning every few seconds."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # without this Ray rewrites a 127.0.0.1 node address to the host's IP and listens on every interface
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
