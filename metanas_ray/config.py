@@ -69,6 +69,7 @@ class TaskLearnerConfig:
     tau_beta_end: float = 0.1  # τ_β at the last inner step
     tau_schedule: str = "exponential"  # exponential | linear | constant (stays at the start values)
     grad_clip: float = 5.0  # clip the norm of each inner gradient (0: off)
+    bf16: bool = False  # autocast the task-learner's forward/backward to bfloat16 (w, α and updates stay float32)
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,9 @@ def meta_test(net: nn.Module, state: State, sampler: TaskSampler, n_tasks: int, 
     for i in my_share(n_tasks, comm):
         task = sampler.sample(0, i).to(device)
         adapted, _ = adapt(net, state, task.x_train, task.y_train, cfg.task, cfg.eval.steps)
-        soft, _ = accuracy(net, adapted, task.x_query, task.y_query, tau)
-        pruned = accuracy(net, adapted, task.x_query, task.y_query, tau, hard=True)[0] if hard else soft
+        soft, _ = accuracy(net, adapted, task.x_query, task.y_query, tau, bf16=cfg.task.bf16)
+        pruned = (accuracy(net, adapted, task.x_query, task.y_query, tau, hard=True, bf16=cfg.task.bf16)[0]
+                  if hard else soft)
         sums += torch.tensor([1.0, soft, soft * soft, pruned, pruned * pruned], dtype=torch.float64)
     sums = comm.all_reduce_sum(sums.to(device)).cpu()
     n = int(sums[0])

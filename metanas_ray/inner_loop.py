@@ -8,7 +8,9 @@ For j = 0 … k-1, with τ_j annealed from ``tau_*_start`` towards ``tau_*_end``
 
 Both gradients come from the same loss on the same batch, at the current (w_j, α_j): one backward pass.
 The network is evaluated with :func:`torch.func.functional_call` at parameters that are plain tensors,
-so a task costs no copy of the model, only of the parameters it adapts.
+so a task costs no copy of the model, only of the parameters it adapts. With ``task.bf16`` the forward and
+backward passes run under ``torch.autocast(bfloat16)`` (convolutions and matmuls in bf16, e.g. on GPUs); the
+parameters, their gradients, the loss and the updates stay float32.
 """
 from __future__ import annotations
 
@@ -70,8 +72,9 @@ class Temperature:
 
 
 def forward(net: nn.Module, params: State, x: torch.Tensor, tau: tuple[float, float] = (1.0, 1.0),
-            hard: bool = False) -> torch.Tensor:
-    """Logits ``[B, N]`` of the network at ``params`` on images ``x`` ``[B, C, H, W]``."""
+            hard: bool = False, bf16: bool = False) -> torch.Tensor:
+    """Float32 logits ``[B, N]`` of the network at ``params`` on images ``x`` ``[B, C, H, W]``
+    (computed under bfloat16 autocast with ``bf16``)."""
     nodes = getattr(net, "nodes", 0)
     if getattr(net, "channels_last", False):
         x = x.contiguous(memory_format=torch.channels_last)
@@ -81,7 +84,9 @@ def forward(net: nn.Module, params: State, x: torch.Tensor, tau: tuple[float, fl
         mix = hard_mixture(params["alphas"], net.ops, nodes, tau)
     else:
         mix = mixture(params["alphas"], tau[0], tau[1], nodes)
-    return functional_call(net, params["weights"], (x, mix))
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = functional_call(net, params["weights"], (x, mix))
+    return logits.float()
 
 
 def _clip_(grads: list[torch.Tensor], max_norm: float) -> None:
@@ -116,7 +121,7 @@ def adapt(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, cfg: 
     batches = _batches(y, cfg.batch_size)
     for step in range(steps):
         xb, yb = (x, y) if batches is None else (x[batches[step % len(batches)]], y[batches[step % len(batches)]])
-        logits = forward(net, {"weights": w, "alphas": a}, xb, temperature.at(step, steps))
+        logits = forward(net, {"weights": w, "alphas": a}, xb, temperature.at(step, steps), bf16=cfg.bf16)
         loss = F.cross_entropy(logits, yb)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
@@ -145,9 +150,9 @@ def adapt(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, cfg: 
 
 @torch.no_grad()
 def accuracy(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, tau: tuple[float, float],
-             hard: bool = False) -> tuple[float, float]:
+             hard: bool = False, bf16: bool = False) -> tuple[float, float]:
     """(accuracy, loss) of the network at ``params`` on a query set."""
-    logits = forward(net, params, x, tau, hard)
+    logits = forward(net, params, x, tau, hard, bf16)
     return float((logits.argmax(-1) == y).float().mean()), float(F.cross_entropy(logits, y))
 
 
@@ -166,6 +171,7 @@ def run_task(net: nn.Module, params: State, task: "Task", cfg: TaskLearnerConfig
     """Adapt on the task's training data and measure the adapted model on its query data."""
     adapted, stats = adapt(net, params, task.x_train, task.y_train, cfg, steps, learn_arch)
     tau = Temperature.from_config(cfg).final
-    stats["query_accuracy"], stats["query_loss"] = accuracy(net, adapted, task.x_query, task.y_query, tau)
+    stats["query_accuracy"], stats["query_loss"] = accuracy(net, adapted, task.x_query, task.y_query, tau,
+                                                                bf16=cfg.bf16)
     return adapted, stats
 

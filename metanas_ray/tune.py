@@ -672,7 +672,15 @@ def run_sweep(s: Sweep, out: str | Path, resume: bool = False, callbacks: Sequen
                                                         checkpoint_score_order=s.mode)))
     log.info("sweep: %d sample(s), %s scheduler, up to %d trial(s) at a time, into %s",
              s.num_samples, s.scheduler, max_concurrent, out)
-    tuner.fit()
+    try:
+        tuner.fit()
+    except Exception as e:  # Tune ends the whole experiment, e.g. when Ray's OOM killer takes a trial's process
+        elapsed = elapsed_before + time.perf_counter() - t0
+        state_file.write_text(json.dumps({"elapsed_seconds": elapsed, "finished": False}) + "\n")
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise SweepError(f"the sweep stopped: {reason} (trials finished so far and the checkpoints of the "
+                         f"others are kept in {out}); continue with: python -m metanas_ray.tune "
+                         f"--output {out} --resume") from e
     trials = _records(s, _saved_results(s, out))
     elapsed = elapsed_before + time.perf_counter() - t0
     write_trials_csv(s, trials, out / "trials.csv")

@@ -122,3 +122,27 @@ def test_soft_pruned_terms_get_zero_gradient_and_do_not_break_the_task_learner(s
     from metanas_ray.inner_loop import query_gradient
     g = query_gradient(net, adapted, task.x_query, task.y_query, (0.1, 0.1))
     assert all(torch.isfinite(v).all() for v in g["weights"].values())
+
+
+def test_bf16_autocast_runs_the_convolutions_in_bfloat16_and_keeps_float32_state(setup, monkeypatch):
+    """``task.bf16``: the same task-learner under bfloat16 autocast. The convolutions see bf16 inputs, while the
+    parameters, updates and logits stay float32 and the result stays close to the float32 one."""
+    net, state, task = setup
+    cfg = TaskLearnerConfig(lr_w=0.1, lr_alpha=0.1)
+    exact, _ = adapt(net, state, task.x_train, task.y_train, cfg, 3)
+    seen = []
+    conv2d = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda x, *a, **k: seen.append(conv2d(x, *a, **k).dtype) or conv2d(x, *a, **k))
+    cfg16 = TaskLearnerConfig(lr_w=0.1, lr_alpha=0.1, bf16=True)
+    low, stats = adapt(net, state, task.x_train, task.y_train, cfg16, 3)
+    assert seen and set(seen) == {torch.bfloat16}
+    logits = forward(net, low, task.x_query, bf16=True)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert stats["loss"] == stats["loss"]  # finite, not NaN
+    for part in ("weights", "alphas"):
+        for k, v in low[part].items():
+            assert v.dtype == torch.float32
+            delta = exact[part][k] - state[part][k]  # what float32 adaptation moved
+            err = (v - exact[part][k]).norm()
+            assert err <= 0.2 * delta.norm() + 1e-3, (k, float(err), float(delta.norm()))
+    assert any(not torch.equal(low["weights"][k], exact["weights"][k]) for k in low["weights"])

@@ -128,6 +128,35 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_sess
     assert "differs" in capsys.readouterr().err
 
 
+class _CrashAfterFirstTrial(tune.Callback):
+    """Raises inside Tune's loop once a trial has ended, once: as when Ray's OOM killer takes a trial's process
+    (Tune 2.60 then ends the whole experiment with "Caught unexpected exception")."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def on_step_begin(self, iteration, trials, **info):
+        if not self.marker.exists() and any(t.status == "TERMINATED" for t in trials):
+            self.marker.touch()
+            raise RuntimeError("2 worker(s) were killed due to the node running low on memory")
+
+
+def test_a_sweep_that_tune_aborts_says_how_to_resume_and_resumes(ray_session, tmp_path, capsys):
+    sweep_file = _sweep_file(tmp_path, search={"task.lr_w": {"grid": [3.0, 0.01]}}, scheduler={"name": "fifo"},
+                             max_concurrent=1)
+    out = tmp_path / "sweep"
+    s = sweep_mod.prepare(sweep_file, out, resume=False)
+    with pytest.raises(sweep_mod.SweepError) as e:
+        run_sweep(s, out, callbacks=[_CrashAfterFirstTrial(tmp_path / "crashed")])
+    message = str(e.value)
+    assert "running low on memory" in message and f"--output {out} --resume" in message
+    assert not (out / "summary.json").exists()
+    assert main(["--output", str(out), "--resume", "--verbose", "0"]) == 0
+    rows = _rows(out)
+    assert [r["status"] for r in rows] == ["TERMINATED"] * 2 and [r["meta_steps"] for r in rows] == ["6", "6"]
+    assert json.loads((out / "summary.json").read_text())["trials"] == 2
+
+
 def test_the_searcher_seed_fixes_the_trial_configurations(tmp_path):
     s = load_sweep(_sweep_file(tmp_path, num_samples=3, trial_seed="sampled"))
     first, again = sample_configs(s), sample_configs(s)
