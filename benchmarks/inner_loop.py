@@ -256,6 +256,30 @@ def main() -> None:
         flops_default[name] = fc.get_total_flops()
     mm = matmul_gflops()
 
+    # Where the time goes. (1) The fresh task on one thread: how much the second thread buys. (2) The task on two
+    # 4×4 images: every operator still runs, on almost no data, so what remains is the per-operator cost
+    # (dispatch, oneDNN primitive set-up, autograd). (3) The share of the FLOPs that conv_1x5_5x1 (a dense,
+    # not depthwise-separable, factorised 5×5) takes: the task's FLOPs without that operation.
+    tiny_x, tiny_y = torch.rand(2, 1, 4, 4, generator=gen), torch.arange(2)
+
+    def tiny_task():
+        net.threshold = 0.0
+        adapted, _ = inner_loop.adapt(net, fresh, tiny_x, tiny_y, cfg.task, steps)
+        inner_loop.accuracy(net, adapted, tiny_x, tiny_y, tau_final)
+
+    tiny = _times({"tiny": tiny_task}, args.repeats, 1)[0]["tiny"]
+    torch.set_num_threads(1)
+    one_thread = _times({"fresh": lambda: task(fresh, 0.0)}, max(1, args.repeats // 2), 1)[0]["fresh"]
+    torch.set_num_threads(args.threads)
+    no_fac_cfg = cfg.override({"model.ops": [o for o in cfg.model.ops if o != "conv_1x5_5x1"]})
+    no_fac_net = build_network(no_fac_cfg, 1)
+    no_fac = init_state(no_fac_cfg, no_fac_net)
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}) as fc:
+        adapted, _ = inner_loop.adapt(no_fac_net, no_fac, x_train, y_train, cfg.task, steps)
+        inner_loop.accuracy(no_fac_net, adapted, x_query, y_query, tau_final)
+    flops_no_fac = fc.get_total_flops()
+
     reference = {}
     if args.reference_repeats > 0:
         R = _reference_module()
@@ -297,6 +321,10 @@ def main() -> None:
         "torch_version": torch.__version__,
         "flops_per_task_flopcounter_default": flops_default["fresh"],
         "flops_per_task_annealed_flopcounter_default": flops_default["annealed"],
+        "seconds_per_task_1_thread": statistics.median(one_thread),
+        "thread_speedup": statistics.median(one_thread) / med["fresh"],
+        "seconds_per_task_tiny_input": statistics.median(tiny),  # 2 images of 4×4: per-operator cost
+        "flops_share_conv_1x5_5x1": 1.0 - flops_no_fac / flops["fresh"],
         "annealed_active_terms": active,
         "annealed_adapt_needed_allow_unused": allow_unused,
         "task": {"n_way": 20, "k_shot": 1, "train_images": 20, "query_images": 20, "image_size": 28,
@@ -334,6 +362,9 @@ def main() -> None:
     for name, sec, cpu, f in rows:
         print(f"{name:<36}{sec:>9.3f}{cpu:>9.2f}{f / 1e9:>9.1f}{f / sec / 1e9:>9.1f}")
     print(f"{'2048² float32 matmul':<36}{'':>9}{'':>9}{'':>9}{mm:>9.1f}")
+    print(f"fresh α on 1 thread {out['seconds_per_task_1_thread']:.3f} s ({out['thread_speedup']:.2f}× from "
+          f"{args.threads} threads); on 2 images of 4×4 {out['seconds_per_task_tiny_input']:.3f} s (per-operator "
+          f"cost); conv_1x5_5x1 is {100 * out['flops_share_conv_1x5_5x1']:.0f}% of the FLOPs")
     print(f"wrote {args.out}")
 
     if args.profile:

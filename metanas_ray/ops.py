@@ -30,7 +30,10 @@ class ReLUConvBN(nn.Sequential):
 
 
 class FacConv(nn.Sequential):
-    """conv_1x5_5x1: ReLU → Conv(1×k) → Conv(k×1) → BN (a factorised k×k convolution)."""
+    """conv_1x5_5x1: ReLU → Conv(1×k) → Conv(k×1) → BN (a factorised k×k convolution).
+
+    At stride 2 each factor strides along its own axis, so the k×1 conv sees every row. (The official MetaNAS
+    code strides the 1×k conv in both axes, which drops every other row before the k×1 conv reads them.)"""
 
     def __init__(self, c: int, kernel: int, stride: int):
         pad = kernel // 2
