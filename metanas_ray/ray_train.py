@@ -60,6 +60,18 @@ class RayRecorder(Recorder):
         pass  # the driver writes genotype, plots and summary once the trainer returns
 
 
+def quiet_worker_logs(rank: int) -> None:
+    """One progress line per logged meta-step, from rank 0 only. Ray Train itself logs every ``ray.train.report``
+    at INFO from every rank, under a logger named by its source file; our progress line already says it."""
+    if rank != 0:
+        logging.getLogger("metanas_ray").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except Exception:  # another Ray version: its lines stay
+        pass
+
+
 def train_func(config: dict[str, Any]) -> dict[str, Any]:
     """The Ray Train worker function: load data once, agree that every worker could, then meta-train."""
     import ray.train
@@ -73,8 +85,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    if rank != 0:  # one progress line per meta-step, from rank 0 only
-        logging.getLogger("metanas_ray").setLevel(logging.WARNING)
+    quiet_worker_logs(rank)
     comm = TorchDistComm()
     device = ray.train.torch.get_device() if cfg.scale.num_gpus else torch.device("cpu")
     error, splits = "", None

@@ -55,7 +55,7 @@ import yaml
 from . import checkpoint
 from .config import Config, ConfigError, flat_keys, from_dict, load, parse_overrides, plain, read_yaml_mapping, save
 from .data import DataError, check_tasks, load_splits
-from .ray_train import ScaleError
+from .ray_train import ScaleError, quiet_worker_logs
 from .train_loop import Recorder, meta_train
 
 log = logging.getLogger(__name__)
@@ -378,8 +378,7 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     cfg = from_dict(config["cfg"])
     rank = ray.train.get_context().get_world_rank()
-    if rank != 0:  # one progress line per meta-step, from rank 0 only
-        logging.getLogger("metanas_ray").setLevel(logging.WARNING)
+    quiet_worker_logs(rank)
     device = ray.train.torch.get_device() if cfg.scale.num_gpus else torch.device("cpu")
     recorder, resume = TuneRecorder(rank, train=True), _resume_payload(ray.train.get_checkpoint())
     if resume is not None:

@@ -72,6 +72,8 @@ def test_ray_job_submit_runs_a_tiny_run(tmp_path):
             time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout
+        # the job's log: our progress line once per logged step, not Ray Train's line per ray.train.report
+        assert submit.stdout.count("step 4/4 |") == 1 and "Reporting training result" not in submit.stdout
         summary = json.loads((out / "summary.json").read_text())
         assert summary["meta_steps"] == 4 and summary["workers"] == 1
         assert (out / "metrics.csv").is_file() and (out / "genotype.json").is_file()
