@@ -28,7 +28,6 @@ end; rerun when it is high. With 2 threads on a busy 2-core machine OpenMP's def
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -109,26 +108,6 @@ def accuracy_module(net: nn.Module, adapted, x, y, tau) -> float:
     with torch.no_grad():
         logits = net(x, mixture(adapted["alphas"], tau[0], tau[1], net.nodes))
     return float((logits.argmax(-1) == y).float().mean())
-
-
-@contextlib.contextmanager
-def _unused_weights_get_zero_gradients():
-    """``torch.autograd.grad(..., allow_unused=True, materialize_grads=True)`` inside the block.
-
-    With soft-pruning, weights of skipped operations are not in the graph, and ``inner_loop.adapt`` (which
-    does not pass ``allow_unused``) raises; the benchmark then times it with this flag (recorded in the JSON)."""
-    grad = torch.autograd.grad
-
-    def patched(*args, **kwargs):
-        kwargs.setdefault("allow_unused", True)
-        kwargs.setdefault("materialize_grads", True)
-        return grad(*args, **kwargs)
-
-    torch.autograd.grad = patched
-    try:
-        yield
-    finally:
-        torch.autograd.grad = grad
 
 
 def annealed_alphas(alphas: dict[str, torch.Tensor], n_ops: int, nodes: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -212,25 +191,24 @@ def main() -> None:
             if prm.dim() == 4:
                 prm.data = prm.data.contiguous(memory_format=torch.channels_last)
 
-    allow_unused = False
+    def task(state, threshold: float, model: nn.Module = net, data=(x_train, y_train, x_query, y_query)):
+        model.threshold = threshold
+        xt, yt, xq, yq = data
+        adapted, _ = inner_loop.adapt(model, state, xt, yt, cfg.task, steps)
+        return adapted, inner_loop.accuracy(model, adapted, xq, yq, tau_final)[0]
 
-    def task(state, threshold: float):
-        net.threshold = threshold
-        with _unused_weights_get_zero_gradients() if allow_unused else contextlib.nullcontext():
-            adapted, _ = inner_loop.adapt(net, state, x_train, y_train, cfg.task, steps)
-        return adapted, inner_loop.accuracy(net, adapted, x_query, y_query, tau_final)[0]
+    def task_flops(run: Callable[[], object], corrected: bool = True) -> int:
+        from torch.utils.flop_counter import FlopCounterMode
+        mapping = {torch.ops.aten.convolution_backward: _conv_backward_flop} if corrected else {}
+        with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
+            run()
+        return fc.get_total_flops()
 
     def task_module(state, threshold: float):
         net.threshold = threshold
         adapted, _ = adapt_module(net, state, x_train, y_train, cfg.task, steps)
         return adapted, accuracy_module(net, adapted, x_query, y_query, tau_final)
 
-    try:
-        task(annealed, 0.01)
-    except RuntimeError as e:
-        if "not have been used in the graph" not in str(e):
-            raise
-        allow_unused = True  # inner_loop.adapt cannot differentiate w.r.t. the weights that pruning skips
     # the module form computes the same adapted state as adapt()
     for state, thr in ((fresh, 0.0), (annealed, 0.01)):
         (a1, acc1), (a2, acc2) = task(state, thr), task_module(state, thr)
@@ -247,13 +225,8 @@ def main() -> None:
 
     flops, flops_default = {}, {}
     for name, state, thr in (("fresh", fresh, 0.0), ("annealed", annealed, 0.01)):
-        from torch.utils.flop_counter import FlopCounterMode
-        with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}) as fc:
-            task(state, thr)
-        flops[name] = fc.get_total_flops()
-        with FlopCounterMode(display=False) as fc:
-            task(state, thr)
-        flops_default[name] = fc.get_total_flops()
+        flops[name] = task_flops(lambda: task(state, thr))
+        flops_default[name] = task_flops(lambda: task(state, thr), corrected=False)
     mm = matmul_gflops()
 
     # Where the time goes. (1) The fresh task on one thread: how much the second thread buys. (2) The task on two
@@ -261,24 +234,14 @@ def main() -> None:
     # (dispatch, oneDNN primitive set-up, autograd). (3) The share of the FLOPs that conv_1x5_5x1 (a dense,
     # not depthwise-separable, factorised 5×5) takes: the task's FLOPs without that operation.
     tiny_x, tiny_y = torch.rand(2, 1, 4, 4, generator=gen), torch.arange(2)
-
-    def tiny_task():
-        net.threshold = 0.0
-        adapted, _ = inner_loop.adapt(net, fresh, tiny_x, tiny_y, cfg.task, steps)
-        inner_loop.accuracy(net, adapted, tiny_x, tiny_y, tau_final)
-
-    tiny = _times({"tiny": tiny_task}, args.repeats, 1)[0]["tiny"]
+    tiny = _times({"tiny": lambda: task(fresh, 0.0, data=(tiny_x, tiny_y, tiny_x, tiny_y))},
+                  args.repeats, 1)[0]["tiny"]
     torch.set_num_threads(1)
     one_thread = _times({"fresh": lambda: task(fresh, 0.0)}, max(1, args.repeats // 2), 1)[0]["fresh"]
     torch.set_num_threads(args.threads)
     no_fac_cfg = cfg.override({"model.ops": [o for o in cfg.model.ops if o != "conv_1x5_5x1"]})
     no_fac_net = build_network(no_fac_cfg, 1)
-    no_fac = init_state(no_fac_cfg, no_fac_net)
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}) as fc:
-        adapted, _ = inner_loop.adapt(no_fac_net, no_fac, x_train, y_train, cfg.task, steps)
-        inner_loop.accuracy(no_fac_net, adapted, x_query, y_query, tau_final)
-    flops_no_fac = fc.get_total_flops()
+    flops_no_fac = task_flops(lambda: task(init_state(no_fac_cfg, no_fac_net), 0.0, no_fac_net))
 
     reference = {}
     if args.reference_repeats > 0:
@@ -326,7 +289,6 @@ def main() -> None:
         "seconds_per_task_tiny_input": statistics.median(tiny),  # 2 images of 4×4: per-operator cost
         "flops_share_conv_1x5_5x1": 1.0 - flops_no_fac / flops["fresh"],
         "annealed_active_terms": active,
-        "annealed_adapt_needed_allow_unused": allow_unused,
         "task": {"n_way": 20, "k_shot": 1, "train_images": 20, "query_images": 20, "image_size": 28,
                  "steps": steps, "init_channels": cfg.model.init_channels, "layers": cfg.model.layers,
                  "nodes": cfg.model.nodes, "ops": list(cfg.model.ops),

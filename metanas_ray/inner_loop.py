@@ -120,7 +120,8 @@ def adapt(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, cfg: 
     sq: list[torch.Tensor] = []  # Adam's second moments, per task
     batches = _batches(y, cfg.batch_size)
     for step in range(steps):
-        xb, yb = (x, y) if batches is None else (x[batches[step % len(batches)]], y[batches[step % len(batches)]])
+        batch = None if batches is None else batches[step % len(batches)]
+        xb, yb = (x, y) if batch is None else (x[batch], y[batch])
         logits = forward(net, {"weights": w, "alphas": a}, xb, temperature.at(step, steps), bf16=cfg.bf16)
         loss = F.cross_entropy(logits, yb)
         if not torch.isfinite(loss):

@@ -60,6 +60,11 @@ class RayRecorder(Recorder):
         pass  # the driver writes genotype, plots and summary once the trainer returns
 
 
+def worker_env(threads: int) -> dict[str, str]:
+    """Environment of every Ray Train worker: ``threads`` OpenMP threads, no usage stats, Train's print patch off."""
+    return {"OMP_NUM_THREADS": str(threads), "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def quiet_worker_logs(rank: int) -> None:
     """One progress line per logged meta-step, from rank 0 only. Ray Train itself logs every ``ray.train.report``
     at INFO from every rank, under a logger named by its source file; our progress line already says it."""
@@ -190,7 +195,6 @@ def fit(cfg: Config, run: RunDir, resume: dict[str, Any] | None = None) -> dict[
         cfg = cfg.override({"run.threads": threads})
         log.info("Ray Train: %d %s worker%s, %d thread%s each, %s", n, "GPU" if use_gpu else "CPU",
                  "s" if n > 1 else "", threads, "s" if threads > 1 else "", _spread(cfg.meta.meta_batch, n))
-        env = {"OMP_NUM_THREADS": str(threads), "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
         trainer = TorchTrainer(
             train_func,
             train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run.path), "resume": resume},
@@ -200,7 +204,8 @@ def fit(cfg: Config, run: RunDir, resume: dict[str, Any] | None = None) -> dict[
                 name="train", storage_path=str(run.path / "ray"),
                 failure_config=FailureConfig(max_failures=cfg.scale.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-                worker_runtime_env={"env_vars": env}, logging_config=LoggingConfig(log_level="WARNING")),
+                worker_runtime_env={"env_vars": worker_env(threads)},
+                logging_config=LoggingConfig(log_level="WARNING")),
         )
         t0 = time.perf_counter()
         try:

@@ -24,7 +24,7 @@ import torch
 
 from .comm import LocalComm, my_share
 from .config import Config
-from .data import MetaSplits, TaskSampler, check_tasks, load_splits
+from .data import MetaSplits, check_tasks, load_splits
 from .evaluate import meta_test
 from .genotype import derive
 from .inner_loop import NonFiniteLossError, Temperature, run_task
@@ -94,7 +94,7 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
     t_start = time.perf_counter()
     d, T = cfg.data, cfg.run.meta_steps
     splits = splits or load_splits(d)
-    check_tasks(d, splits)
+    samplers = check_tasks(d, splits, cfg.run.seed)  # fails here, before any work, if a split is too small
     net = build_network(cfg, splits.channels).to(device)
     state = clone(init_state(cfg, net), device)
     learner = MetaLearner(cfg.meta, T)
@@ -108,9 +108,6 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
         if recorder.rank == 0:
             recorder.run.write_metrics(rows)  # drop rows logged after the checkpoint: no duplicates
         log.info("resumed at meta-step %d of %d", start, T)
-    samplers = {s: TaskSampler(splits.pool(s), d.n_way, (d.train_shots or d.k_shot) if s == "train" else d.k_shot,
-                               d.n_query, cfg.run.seed, s, splits.name)
-                for s in ("train", "val", "test")}
     my_tasks = my_share(cfg.meta.meta_batch, comm)
     tau = Temperature.from_config(cfg.task).final
     n_flat = flatten(state).numel()

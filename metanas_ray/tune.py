@@ -55,7 +55,7 @@ import yaml
 from . import checkpoint
 from .config import Config, ConfigError, flat_keys, from_dict, load, parse_overrides, plain, read_yaml_mapping, save
 from .data import DataError, check_tasks, load_splits
-from .ray_train import ScaleError, quiet_worker_logs
+from .ray_train import ScaleError, quiet_worker_logs, worker_env
 from .train_loop import Recorder, meta_train
 
 log = logging.getLogger(__name__)
@@ -387,7 +387,8 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 
 def _trial_on_train(config: dict[str, Any], sweep: Sweep, storage: str) -> None:
-    """A Tune trial that drives a TorchTrainer of ``workers`` workers (NOTES.md section 4)."""
+    """A Tune trial that drives a TorchTrainer of ``workers`` workers: Ray's per-trial driver function for Tune
+    around Train (the module docstring)."""
     import ray.train
     from ray import tune
     from ray.train.torch import TorchTrainer
@@ -406,7 +407,7 @@ def _trial_on_train(config: dict[str, Any], sweep: Sweep, storage: str) -> None:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=sweep.metric,
                                                          checkpoint_score_order=sweep.mode),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.run.threads)}}),
+            worker_runtime_env={"env_vars": worker_env(cfg.run.threads)}),
     ).fit()
 
 
@@ -542,7 +543,6 @@ def _meta_test_task(cfg_dict: dict[str, Any], state_file: str, gpu: bool) -> dic
     """Meta-test a checkpoint on the meta-test classes (Algorithm 3, soft and hard)."""
     import torch
 
-    from .data import TaskSampler
     from .evaluate import meta_test
     from .state import build_network, clone
 
@@ -551,8 +551,7 @@ def _meta_test_task(cfg_dict: dict[str, Any], state_file: str, gpu: bool) -> dic
     device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
     payload = checkpoint.load(state_file)
     splits = load_splits(cfg.data)
-    d = cfg.data
-    sampler = TaskSampler(splits.pool("test"), d.n_way, d.k_shot, d.n_query, cfg.run.seed, "test", splits.name)
+    sampler = check_tasks(cfg.data, splits, cfg.run.seed)["test"]  # the sampler meta_train's final test uses
     net = build_network(cfg, splits.channels).to(device)
     result = meta_test(net, clone(payload["state"], device), sampler, cfg.eval.test_tasks, cfg, device=device)
     return {**result, "step": int(payload["step"])}

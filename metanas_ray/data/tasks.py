@@ -177,13 +177,13 @@ class TaskSampler:
         )
 
 
-def check_tasks(cfg: DataConfig, splits: MetaSplits) -> dict[str, TaskSampler]:
-    """Build the meta-train/val/test samplers for ``cfg``, raising :class:`DataError` when
-    a split cannot give ``data.n_way``-way ``data.k_shot + data.n_query`` tasks. Seed 0; make real samplers
-    with the run seed."""
-    train_shots = getattr(cfg, "train_shots", 0) or cfg.k_shot  # meta-training tasks may use more shots
-    return {s: TaskSampler(splits.pool(s), cfg.n_way, train_shots if s == "train" else cfg.k_shot, cfg.n_query, 0, s,
-                           splits.name) for s in SPLITS}
+def check_tasks(cfg: DataConfig, splits: MetaSplits, seed: int = 0) -> dict[str, TaskSampler]:
+    """The meta-train/val/test samplers for ``cfg`` (seeded with ``seed``, the run seed), raising
+    :class:`DataError` when a split cannot give ``data.n_way``-way ``k + data.n_query`` tasks. Meta-training
+    tasks have ``data.train_shots`` shots (0: ``data.k_shot``), the others ``data.k_shot``."""
+    train_shots = cfg.train_shots or cfg.k_shot
+    return {s: TaskSampler(splits.pool(s), cfg.n_way, train_shots if s == "train" else cfg.k_shot, cfg.n_query, seed,
+                           s, splits.name) for s in SPLITS}
 
 
 # ---------------------------------------------------------------- cache
