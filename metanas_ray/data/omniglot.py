@@ -131,11 +131,13 @@ def _where_message(root: Path, missing: list[str]) -> str:
 
 
 def _download(root: Path, name: str, missing: list[str]) -> Path:
-    """Fetch ``<name>.zip`` into ``root`` (tmp file, md5 check, rename). Raises :class:`DataError` on failure."""
+    """Fetch ``<name>.zip`` into ``root`` (tmp file, md5 check, rename). Raises :class:`DataError` on failure,
+    leaving no partial file and none of the folders it created for the download."""
     url, dest = URL.format(name), root / f"{name}.zip"
     where = _where_message(root, missing)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     md5 = hashlib.md5()
+    created = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
     log.info("downloading %s to %s", url, dest)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -146,11 +148,17 @@ def _download(root: Path, name: str, missing: list[str]) -> Path:
         if md5.hexdigest() == MD5[name]:
             os.replace(tmp, dest)
             return dest
+        error = f"downloaded {url} has md5 {md5.hexdigest()}, expected {MD5[name]}"
     except (urllib.error.URLError, OSError, ValueError) as e:  # URLError, timeouts, refused writes, bad URL
-        raise DataError(f"{where}; downloading {url} failed ({type(e).__name__}: {e})") from None
+        error = f"downloading {url} failed ({type(e).__name__}: {e})"
     finally:
         tmp.unlink(missing_ok=True)
-    raise DataError(f"{where}; downloaded {url} has md5 {md5.hexdigest()}, expected {MD5[name]}")
+    for p in created:  # an empty folder would pass for the dataset's place later (and mislead)
+        try:
+            p.rmdir()
+        except OSError:
+            break
+    raise DataError(f"{where}; {error}")
 
 
 def _decode(data: bytes, size: int) -> np.ndarray:
