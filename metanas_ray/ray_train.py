@@ -150,6 +150,10 @@ def init_ray(cfg: Config, dashboard: bool = True) -> bool:
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return True
+    # Ray Train's preemption watcher (an actor per run that polls for node drains, e.g. of spot instances)
+    # has nothing to watch on one local machine, and its start logs a spurious core_worker error line
+    # (ray-project/ray#53727); the processes of the Ray started here inherit this environment
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(num_cpus=os.cpu_count(), num_gpus=_local_gpus(), include_dashboard=dashboard,
              _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
     return True

@@ -76,6 +76,13 @@ def _stats_vector(values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
+def _per_worker(comm, values: list[float], device) -> list[list[float]]:
+    """``values`` of every worker, by rank (one all-reduce of a world × len(values) matrix)."""
+    m = torch.zeros(comm.world, len(values), dtype=torch.float64, device=device)
+    m[comm.rank] = torch.tensor(values, dtype=torch.float64)
+    return comm.all_reduce_sum(m).cpu().tolist()
+
+
 def _eta(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -112,11 +119,13 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
     tau = Temperature.from_config(cfg.task).final
     n_flat = flatten(state).numel()
     t_loop, tasks_done = time.perf_counter(), 0
+    seconds = {"tasks": 0.0, "all_reduce": 0.0, "meta_update": 0.0}  # this worker's, over the loop
 
     for t in range(start, T):
         learn_arch = learner.learns_architecture(t)
         total = torch.zeros(n_flat, dtype=torch.float32, device=device)
         acc = loss = failed = 0.0
+        t0 = time.perf_counter()
         for i in my_tasks:
             task = samplers["train"].sample(t, i).to(device)
             try:
@@ -128,7 +137,9 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
             acc += stats["query_accuracy"]
             loss += stats["query_loss"]
         # the one meeting point of all workers: contributions and statistics summed in one all-reduce
+        t1 = time.perf_counter()
         summed = comm.all_reduce_sum(torch.cat([total.double(), _stats_vector([acc, loss, failed]).to(device)]))
+        t2 = time.perf_counter()
         if summed[-1] > 0:
             raise NonFiniteLossError(
                 failure if failed else f"a worker's task-learner loss became non-finite at meta-step {t}")
@@ -137,6 +148,10 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
         if not all(torch.isfinite(v).all() for part in state.values() for v in part.values()):
             raise NonFiniteLossError(f"the meta-parameters became non-finite at meta-step {t}; "
                                      f"lower meta.lr_w / meta.lr_alpha")
+        t3 = time.perf_counter()
+        seconds["tasks"] += t1 - t0
+        seconds["all_reduce"] += t2 - t1
+        seconds["meta_update"] += t3 - t2
         tasks_done += cfg.meta.meta_batch
         done = t + 1
         validate = cfg.eval.every > 0 and (done % cfg.eval.every == 0 or done == T)
@@ -168,6 +183,7 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
             recorder.record(rows, payload, cfg.run.keep_checkpoints)
 
     train_seconds = time.perf_counter() - t_loop
+    per_worker = _per_worker(comm, [seconds["tasks"], seconds["all_reduce"], seconds["meta_update"]], device)
     if final_test:
         log.info("meta-testing on %d tasks of the meta-test classes", cfg.eval.test_tasks)
         test = meta_test(net, state, samplers["test"], cfg.eval.test_tasks, cfg, comm, device)
@@ -185,6 +201,11 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
         "tasks_per_second": tasks_done / train_seconds if train_seconds > 0 and tasks_done else math.nan,
         "workers": comm.world,
         "tasks_per_worker": [len(range(r, cfg.meta.meta_batch, comm.world)) for r in range(comm.world)],
+        # where each worker's meta-training time went: its tasks (inner loops and contributions), the
+        # all-reduce (communication and waiting for the slowest worker), the meta-update (serial per step)
+        "seconds_in_tasks": [round(x[0], 3) for x in per_worker],
+        "seconds_in_all_reduce": [round(x[1], 3) for x in per_worker],
+        "seconds_in_meta_update": [round(x[2], 3) for x in per_worker],
         "weights": sum(v.numel() for v in state["weights"].values()),
         "model": cfg.model.kind, "dataset": d.dataset,
         "n_way": d.n_way, "k_shot": d.k_shot,

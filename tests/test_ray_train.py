@@ -104,3 +104,26 @@ def test_a_worker_without_the_dataset_fails_with_a_message(ray_session, smoke_cf
     with pytest.raises(DataError, match="images_background.zip"):
         fit(cfg, RunDir(tmp_path / "d").create(cfg))
     assert not (tmp_path / "d" / "summary.json").exists()
+
+
+def test_the_embedded_default_starts_its_own_ray_and_prints_one_clean_line_per_step(tmp_path):
+    """``python -m metanas_ray.run`` in a fresh process with no address: it starts a Ray of its own (not the test
+    session's), rank 0 alone prints the progress lines, and Ray's own spurious error lines stay out."""
+    import json
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
+    out = tmp_path / "embedded"
+    proc = subprocess.run(
+        [sys.executable, "-m", "metanas_ray.run", "--config", str(SMOKE), "--output", str(out),
+         "--num-workers", "2", "--set", "run.meta_steps=4", "--set", "eval.every=0", "--set", "eval.test_tasks=2"],
+        env=env, capture_output=True, text=True, timeout=240)
+    printed = proc.stdout + proc.stderr
+    assert proc.returncode == 0, printed[-3000:]
+    assert "2 CPU workers" in printed and "spread as [1, 1]" in printed
+    assert printed.count("step 4/4 |") == 1 and printed.count("step 2/4 |") == 1  # rank 0 only
+    assert "core_worker.cc" not in printed and "Reporting training result" not in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["tasks_per_worker"] == [1, 1]
+    assert len(summary["seconds_in_tasks"]) == 2 and all(s > 0 for s in summary["seconds_in_tasks"])

@@ -37,6 +37,8 @@ def test_smoke_config_writes_the_whole_run_directory(tmp_path, capsys):
     for key in ("meta_test_accuracy_soft", "meta_test_ci95_soft", "meta_test_accuracy_hard", "meta_test_ci95_hard"):
         assert 0.0 <= summary[key] <= 1.0, key
     assert summary["meta_steps"] == 10 and summary["wall_seconds"] > 0 and summary["tasks_per_second"] > 0
+    # one worker's loop time: nearly all of it in the tasks, a little in the meta-update, nothing to wait for
+    assert summary["seconds_in_tasks"][0] > 10 * summary["seconds_in_meta_update"][0] > 0
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [int(r["step"]) for r in rows] == [2, 4, 5, 6, 8, 10]
     assert rows[2]["val_accuracy"] and not rows[0]["val_accuracy"]
