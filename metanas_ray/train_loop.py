@@ -139,10 +139,10 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
         # the one meeting point of all workers: contributions and statistics summed in one all-reduce
         t1 = time.perf_counter()
         summed = comm.all_reduce_sum(torch.cat([total.double(), _stats_vector([acc, loss, failed]).to(device)]))
-        t2 = time.perf_counter()
-        if summed[-1] > 0:
+        if summed[-1] > 0:  # (reading it also waits for an asynchronous, e.g. NCCL, all-reduce to finish)
             raise NonFiniteLossError(
                 failure if failed else f"a worker's task-learner loss became non-finite at meta-step {t}")
+        t2 = time.perf_counter()
         mean = unflatten((summed[:n_flat] / cfg.meta.meta_batch).float(), state)
         learner.step(state, mean, t)
         if not all(torch.isfinite(v).all() for part in state.values() for v in part.values()):
