@@ -1,6 +1,6 @@
 """Tasks per second of meta-training in-process vs on Ray Train with 1 and 2 workers (1 thread each).
 
-    python -m benchmarks.scaling                       # quick config, 20 meta-steps, 3 rounds, Omniglot from ../shared
+    python -m benchmarks.scaling                       # quick config, 20 meta-steps, 4 rounds, Omniglot from ../shared
     python -m benchmarks.scaling --meta-steps 40 --data-root data/omniglot
 
 Targets on a 2-core machine: Ray Train with 1 worker within 5% of the in-process loop; 2 workers at least 1.8x the
@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "omniglot"))
     p.add_argument("--meta-steps", type=int, default=20)
     p.add_argument("--meta-batch", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=3, help="repeat all four set-ups; the medians are reported")
+    p.add_argument("--rounds", type=int, default=4, help="repeat all four set-ups; the medians are reported")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -69,19 +69,27 @@ def main() -> None:
                               "run.threads": 1})
     runs: dict[str, list[dict]] = {k: [] for k in ("in_process", "in_process_x2", "ray_train_1", "ray_train_2")}
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):  # rounds interleave the four set-ups, so that all see the same background
+        def in_process(r: int) -> None:
             t0 = time.perf_counter()
             one = _in_process(base, str(Path(tmp) / f"inproc{r}"))
             runs["in_process"].append(_row([one], time.perf_counter() - t0, args.meta_steps))
+
+        def in_process_x2(r: int) -> None:
             with multiprocessing.get_context("spawn").Pool(2) as pool:
                 t0 = time.perf_counter()
                 both = pool.starmap(_in_process, [(base, str(Path(tmp) / f"side{r}_{i}")) for i in (0, 1)])
             runs["in_process_x2"].append(_row(both, time.perf_counter() - t0, args.meta_steps))
-            for n in (1, 2):
-                cfg = base.override({"scale.num_workers": n})
-                t0 = time.perf_counter()
-                s = fit(cfg, RunDir(Path(tmp) / f"ray{n}_{r}").create(cfg))
-                runs[f"ray_train_{n}"].append(_row([s], time.perf_counter() - t0, args.meta_steps))
+
+        def ray_train(n: int, r: int) -> None:
+            cfg = base.override({"scale.num_workers": n})
+            t0 = time.perf_counter()
+            s = fit(cfg, RunDir(Path(tmp) / f"ray{n}_{r}").create(cfg))
+            runs[f"ray_train_{n}"].append(_row([s], time.perf_counter() - t0, args.meta_steps))
+
+        setups = [in_process, in_process_x2, lambda r: ray_train(1, r), lambda r: ray_train(2, r)]
+        for r in range(args.rounds):  # rounds interleave the four set-ups, so that all see the same background,
+            for setup in setups if r % 2 == 0 else setups[::-1]:  # in alternating order (drift cancels)
+                setup(r)
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{k} {v[-1]['tasks_per_second']:.2f} tasks/s ({statistics.mean(v[-1]['seconds_per_task_computing']):.3f}"
                 f" s computing per task)" for k, v in runs.items()), flush=True)
