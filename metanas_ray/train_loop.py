@@ -119,7 +119,7 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
     tau = Temperature.from_config(cfg.task).final
     n_flat = flatten(state).numel()
     t_loop, tasks_done = time.perf_counter(), 0
-    seconds = {"tasks": 0.0, "all_reduce": 0.0, "meta_update": 0.0}  # this worker's, over the loop
+    seconds = dict.fromkeys(("tasks", "all_reduce", "meta_update"), 0.0)  # this worker's, over the loop
 
     for t in range(start, T):
         learn_arch = learner.learns_architecture(t)
@@ -183,7 +183,7 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
             recorder.record(rows, payload, cfg.run.keep_checkpoints)
 
     train_seconds = time.perf_counter() - t_loop
-    per_worker = _per_worker(comm, [seconds["tasks"], seconds["all_reduce"], seconds["meta_update"]], device)
+    per_worker = _per_worker(comm, list(seconds.values()), device)
     if final_test:
         log.info("meta-testing on %d tasks of the meta-test classes", cfg.eval.test_tasks)
         test = meta_test(net, state, samplers["test"], cfg.eval.test_tasks, cfg, comm, device)
@@ -203,9 +203,7 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
         "tasks_per_worker": [len(range(r, cfg.meta.meta_batch, comm.world)) for r in range(comm.world)],
         # where each worker's meta-training time went: its tasks (inner loops and contributions), the
         # all-reduce (communication and waiting for the slowest worker), the meta-update (serial per step)
-        "seconds_in_tasks": [round(x[0], 3) for x in per_worker],
-        "seconds_in_all_reduce": [round(x[1], 3) for x in per_worker],
-        "seconds_in_meta_update": [round(x[2], 3) for x in per_worker],
+        **{f"seconds_in_{k}": [round(w[i], 3) for w in per_worker] for i, k in enumerate(seconds)},
         "weights": sum(v.numel() for v in state["weights"].values()),
         "model": cfg.model.kind, "dataset": d.dataset,
         "n_way": d.n_way, "k_shot": d.k_shot,

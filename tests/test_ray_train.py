@@ -1,7 +1,10 @@
 """The Ray Train path: same result at any worker count, a killed worker does not stop the run, bad scale input."""
 import csv
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -109,9 +112,6 @@ def test_a_worker_without_the_dataset_fails_with_a_message(ray_session, smoke_cf
 def test_the_embedded_default_starts_its_own_ray_and_prints_one_clean_line_per_step(tmp_path):
     """``python -m metanas_ray.run`` in a fresh process with no address: it starts a Ray of its own (not the test
     session's), rank 0 alone prints the progress lines, and Ray's own spurious error lines stay out."""
-    import json
-    import subprocess
-    import sys
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
     out = tmp_path / "embedded"
