@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         if run is not None:
             run.write_error(f"{type(e).__name__}: {e}")
+            if isinstance(e, (DataError, ScaleError)):  # fixable with the flags that --resume accepts
+                print(f"the run directory keeps what was written; once fixed, continue it with: python -m "
+                      f"metanas_ray.run --resume {run.path} (with --data-root, --num-workers, --num-gpus or "
+                      f"--address as needed)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted; continue with: python -m metanas_ray.run --resume {run.path if run else '<dir>'}",

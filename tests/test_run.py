@@ -115,6 +115,18 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_a_run_stopped_by_missing_data_says_how_to_continue_it(tmp_path, capsys):
+    """The same command again would meet "already holds a run": the message gives the one that continues it."""
+    nowhere = ["--set", "data.dataset=omniglot", "--set", "data.download=false", "--data-root", str(tmp_path / "x")]
+    code, out = run(tmp_path, "nodata", *nowhere)
+    assert code == 2 and (out / "error.txt").is_file()
+    assert f"continue it with: python -m metanas_ray.run --resume {out}" in capsys.readouterr().err
+    # that command gets past the run directory, with a new --data-root, to the data check itself
+    assert main(["--resume", str(out), "--in-process", "--data-root", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" not in err and str(tmp_path / "y") in err and "images_background.zip" in err
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--set", "data.n_wya=3"], "data.n_wya"),
     (["--set", "task.lr_w=-1"], "task.lr_w"),
