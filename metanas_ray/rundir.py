@@ -3,7 +3,7 @@
     config.yaml      the resolved config          metrics.csv   one row per logged meta-step
     checkpoints/     step_XXXXXXX.pt (last N)     genotype.json the derived cells
     plots/           learning curves, α/β, cells  summary.json  meta-test results (written last)
-    error.txt        only when a run stopped on an error (nothing else is removed)
+    error.txt        only while a run is stopped on an error (nothing else is removed)
 
 A directory that already holds a run is never overwritten: continuing it needs ``--resume``.
 """
@@ -95,7 +95,9 @@ class RunDir:
         return path
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        """The run's last file: once it is there, an ``error.txt`` from a stop before ``--resume`` is stale."""
         _atomic_write(self.summary_file, json.dumps(summary, indent=2) + "\n")
+        self.error_file.unlink(missing_ok=True)
 
     def write_error(self, message: str) -> None:
         _atomic_write(self.error_file, message.rstrip() + "\n")

@@ -127,6 +127,14 @@ def test_a_run_stopped_by_missing_data_says_how_to_continue_it(tmp_path, capsys)
     assert "already holds a run" not in err and str(tmp_path / "y") in err and "images_background.zip" in err
 
 
+def test_a_run_finished_with_resume_drops_the_error_of_its_earlier_stop(tmp_path, smoke_cfg):
+    cfg = smoke_cfg.override({"run.meta_steps": 2, "eval.every": 0})
+    out = RunDir(tmp_path / "stopped").create(cfg)
+    out.write_error("DataError: Omniglot not found")  # as a run that stopped before its first meta-step
+    assert main(["--resume", str(out.path), "--in-process"]) == 0
+    assert out.summary_file.is_file() and not out.error_file.exists()
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--set", "data.n_wya=3"], "data.n_wya"),
     (["--set", "task.lr_w=-1"], "task.lr_w"),
