@@ -15,10 +15,15 @@ One task = ``inner_loop.adapt`` (5 first-order DARTS steps on 20 images: 20-way 
 each as the median of ``--repeats`` runs after warm-up, alternating with the same task run in "module form"
 (parameters copied into the one reused module, ``net(x, mix)`` + ``torch.autograd.grad`` over
 ``net.parameters()``) instead of ``torch.func.functional_call``. Also: the per-edge reference supernet
-(``tests/reference_search_space.py``, as it was) as is and with NHWC activations, FLOPs per task
+(``tests/reference_search_space.py``, as it was) as is and with NHWC activations, each run alternating with a
+fresh task so that the speed-up is a ratio of neighbours (the machine's speed drifts), FLOPs per task
 (FlopCounterMode; its convolution-backward formula ignores ``groups`` for the weight gradient, counting a
 depthwise conv's ×C too high, so a corrected formula is used and the default count is reported beside it), and
 the GFLOP/s of a 2048×2048 float32 matmul on the same threads.
+
+malloc keeps freed memory as the meta-training workers do (``run.keep_freed_memory_mb``; the minor page faults
+and system CPU seconds per fresh task are recorded); ``--keep-freed-memory-mb 0`` leaves it at glibc's default
+for a comparison.
 
 Other processes share the CPU: the load average is recorded at the start, before each timed round and at the
 end; rerun when it is high. With 2 threads on a busy 2-core machine OpenMP's default spin-waiting collapses
@@ -32,6 +37,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -44,6 +50,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "inner_loop.json"
 LOADS: list[float] = []  # 1-minute load average before each timed round
+FAULTS: dict[str, list[tuple[int, float]]] = {}  # per timed call: (minor page faults, system CPU seconds)
 
 
 def _reference_module():
@@ -52,6 +59,37 @@ def _reference_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def reference_tasks(cfg, data, steps: int, tau_final) -> dict[str, Callable[[], None]]:
+    """One fresh task of the per-edge reference supernet, as is and with NHWC activations (warmed up)."""
+    from metanas_ray import inner_loop
+    from metanas_ray.state import init_state
+    R = _reference_module()
+    x_train, y_train, x_query, y_query = data
+
+    class ReferenceNHWC(R.SearchNetwork):
+        """The per-edge reference with NHWC activations (its stem's 1-channel input leaves them NCHW)."""
+
+        def forward(self, x, mix):
+            s0 = s1 = self.stem(x).contiguous(memory_format=torch.channels_last)
+            for cell in self.cells:
+                s0, s1 = s1, cell(s0, s1, mix["reduce" if cell.reduction else "normal"], self.threshold)
+            return self.classifier(s1.mean(dim=(2, 3)))
+
+    tasks = {}
+    for key, cls in (("reference", R.SearchNetwork), ("reference_nhwc", ReferenceNHWC)):
+        ref = cls(cfg.model, 1, cfg.data.n_way)
+        ref.channels_last = cfg.model.channels_last
+        ref_state = init_state(cfg, ref)  # NHWC weights, as init_state gives them
+
+        def ref_task(ref=ref, ref_state=ref_state):
+            adapted, _ = inner_loop.adapt(ref, ref_state, x_train, y_train, cfg.task, steps)
+            inner_loop.accuracy(ref, adapted, x_query, y_query, tau_final)
+
+        inner_loop.adapt(ref, ref_state, x_train, y_train, cfg.task, 1)  # warm-up: one step
+        tasks[key] = ref_task
+    return tasks
 
 
 def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
@@ -131,7 +169,7 @@ def annealed_alphas(alphas: dict[str, torch.Tensor], n_ops: int, nodes: int, see
 def _times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int
            ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall and CPU (this process, all threads) seconds of each function, run alternately so that all see the
-    same background load."""
+    same background load. Also fills FAULTS: minor page faults and system CPU seconds per call."""
     for _ in range(warmup):
         for f in fns.values():
             f()
@@ -140,10 +178,12 @@ def _times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int
     for _ in range(repeats):
         LOADS.append(os.getloadavg()[0])
         for k, f in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time()
+            r0, t0, c0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), time.process_time()
             f()
             wall[k].append(time.perf_counter() - t0)
             cpu[k].append(time.process_time() - c0)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            FAULTS.setdefault(k, []).append((r1.ru_minflt - r0.ru_minflt, r1.ru_stime - r0.ru_stime))
     return wall, cpu
 
 
@@ -164,7 +204,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--reference-repeats", type=int, default=1, help="per-edge reference runs (~5 s per task on an idle CPU); 0: skip")
+    p.add_argument("--reference-repeats", type=int, default=3,
+                   help="per-edge reference runs (~6 s per task), each beside a fresh task; 0: skip")
+    p.add_argument("--keep-freed-memory-mb", type=int, default=None,
+                   help="as run.keep_freed_memory_mb (default: the config's); 0: malloc's own default")
     p.add_argument("--profile", action="store_true", help="print the top operators of one fresh task")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
@@ -173,10 +216,12 @@ def main() -> None:
 
     from metanas_ray import inner_loop
     from metanas_ray.config import Config
+    from metanas_ray.memory import keep_freed_memory
     from metanas_ray.search_space import mixture
     from metanas_ray.state import build_network, init_state
 
     cfg = Config().override({"data.n_way": 20})
+    keep_mb = cfg.run.keep_freed_memory_mb if args.keep_freed_memory_mb is None else args.keep_freed_memory_mb
     steps, tau_final = cfg.task.steps, inner_loop.Temperature.from_config(cfg.task).final
     gen = torch.Generator().manual_seed(0)
     x_train, y_train = torch.rand(20, 1, 28, 28, generator=gen), torch.arange(20)
@@ -217,6 +262,18 @@ def main() -> None:
     active = {t: int((m > 0.01).sum()) for t, m in mixture(
         annealed["alphas"], *tau_final, cfg.model.nodes).items()}
 
+    # The per-edge reference beside fresh tasks (their ratio does not drift with the machine's speed): first under
+    # glibc's default malloc, as the official code runs, then with freed memory kept, as our workers run.
+    reference, reference_kept = {}, {}
+    if args.reference_repeats > 0:
+        refs = reference_tasks(cfg, (x_train, y_train, x_query, y_query), steps, tau_final)
+        reference = _times({"fresh_malloc_default": lambda: task(fresh, 0.0),
+                            **{k + "_malloc_default": f for k, f in refs.items()}}, args.reference_repeats, 0)[0]
+    kept = keep_freed_memory(keep_mb)  # as the meta-training workers do
+    if args.reference_repeats > 0:
+        reference_kept = _times({"fresh_beside_reference": lambda: task(fresh, 0.0), **refs},
+                                args.reference_repeats, 1)[0]
+
     times, cpu_times = _times({
         "fresh": lambda: task(fresh, 0.0), "fresh_module": lambda: task_module(fresh, 0.0),
         "annealed": lambda: task(annealed, 0.01), "annealed_module": lambda: task_module(annealed, 0.01),
@@ -242,31 +299,6 @@ def main() -> None:
     no_fac_cfg = cfg.override({"model.ops": [o for o in cfg.model.ops if o != "conv_1x5_5x1"]})
     no_fac_net = build_network(no_fac_cfg, 1)
     flops_no_fac = task_flops(lambda: task(init_state(no_fac_cfg, no_fac_net), 0.0, no_fac_net))
-
-    reference = {}
-    if args.reference_repeats > 0:
-        R = _reference_module()
-
-        class ReferenceNHWC(R.SearchNetwork):
-            """The per-edge reference with NHWC activations (its stem's 1-channel input leaves them NCHW)."""
-
-            def forward(self, x, mix):
-                s0 = s1 = self.stem(x).contiguous(memory_format=torch.channels_last)
-                for cell in self.cells:
-                    s0, s1 = s1, cell(s0, s1, mix["reduce" if cell.reduction else "normal"], self.threshold)
-                return self.classifier(s1.mean(dim=(2, 3)))
-
-        for key, cls in (("reference", R.SearchNetwork), ("reference_nhwc", ReferenceNHWC)):
-            ref = cls(cfg.model, 1, cfg.data.n_way)
-            ref.channels_last = cfg.model.channels_last
-            ref_state = init_state(cfg, ref)  # NHWC weights, as init_state gives them
-
-            def ref_task(ref=ref, ref_state=ref_state):
-                adapted, _ = inner_loop.adapt(ref, ref_state, x_train, y_train, cfg.task, steps)
-                inner_loop.accuracy(ref, adapted, x_query, y_query, tau_final)
-
-            inner_loop.adapt(ref, ref_state, x_train, y_train, cfg.task, 1)  # warm-up: one step
-            reference[key] = _times({key: ref_task}, args.reference_repeats, 0)[0][key]
 
     out = {
         "seconds_per_task": med["fresh"],
@@ -297,15 +329,26 @@ def main() -> None:
         "seconds_all": times,
         "cpu_seconds_all": cpu_times,  # process CPU time: ≈ threads × wall on an idle machine
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "keep_freed_memory_mb": keep_mb if kept else 0,
+        "minor_page_faults_per_task": statistics.median(f for f, _ in FAULTS["fresh"]),
+        "system_cpu_seconds_per_task": statistics.median(t for _, t in FAULTS["fresh"]),
         "load_average_start": load_start, "load_average_end": os.getloadavg(), "load_average_per_round": LOADS,
         "cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
     }
     if reference:
-        out["seconds_per_task_reference"] = statistics.median(reference["reference"])
-        out["seconds_per_task_reference_nhwc"] = statistics.median(reference["reference_nhwc"])
-        out["speedup_vs_reference"] = out["seconds_per_task_reference"] / med["fresh"]
-        out["speedup_vs_reference_nhwc"] = out["seconds_per_task_reference_nhwc"] / med["fresh"]
-        out["reference_seconds_all"] = reference
+        m = {k: statistics.median(v) for k, v in {**reference, **reference_kept}.items()}
+        out["seconds_per_task_malloc_default"] = m["fresh_malloc_default"]
+        out["seconds_per_task_reference"] = m["reference_malloc_default"]
+        out["seconds_per_task_reference_nhwc"] = m["reference_nhwc_malloc_default"]
+        # as the official code runs (malloc's default) against this code as the workers run it
+        out["speedup_vs_reference"] = m["reference_malloc_default"] / m["fresh_malloc_default"]
+        out["speedup_vs_reference_nhwc"] = m["reference_nhwc_malloc_default"] / m["fresh_malloc_default"]
+        out["seconds_per_task_beside_reference"] = m["fresh_beside_reference"]
+        out["seconds_per_task_reference_kept"] = m["reference"]
+        out["seconds_per_task_reference_nhwc_kept"] = m["reference_nhwc"]
+        out["speedup_vs_reference_kept"] = m["reference"] / m["fresh_beside_reference"]
+        out["speedup_vs_reference_nhwc_kept"] = m["reference_nhwc"] / m["fresh_beside_reference"]
+        out["reference_seconds_all"] = {**reference, **reference_kept}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
@@ -318,12 +361,24 @@ def main() -> None:
             ("annealed α, functional_call", med["annealed"], cpu_med["annealed"], flops["annealed"]),
             ("annealed α, module form", med["annealed_module"], cpu_med["annealed_module"], flops["annealed"])]
     if reference:
-        rows += [("per-edge reference (fresh)", out["seconds_per_task_reference"], float("nan"), flops["fresh"]),
-                 ("per-edge reference, NHWC (fresh)", out["seconds_per_task_reference_nhwc"], float("nan"),
-                  flops["fresh"])]
+        rows += [("fresh α, malloc's default", out["seconds_per_task_malloc_default"], float("nan"), flops["fresh"]),
+                 ("per-edge reference, malloc's default", out["seconds_per_task_reference"], float("nan"),
+                  flops["fresh"]),
+                 ("  the same, NHWC", out["seconds_per_task_reference_nhwc"], float("nan"), flops["fresh"]),
+                 ("fresh α, beside the kept-memory ones", out["seconds_per_task_beside_reference"], float("nan"),
+                  flops["fresh"]),
+                 ("per-edge reference, memory kept", out["seconds_per_task_reference_kept"], float("nan"),
+                  flops["fresh"]),
+                 ("  the same, NHWC", out["seconds_per_task_reference_nhwc_kept"], float("nan"), flops["fresh"])]
     for name, sec, cpu, f in rows:
         print(f"{name:<36}{sec:>9.3f}{cpu:>9.2f}{f / 1e9:>9.1f}{f / sec / 1e9:>9.1f}")
     print(f"{'2048² float32 matmul':<36}{'':>9}{'':>9}{'':>9}{mm:>9.1f}")
+    if reference:
+        print(f"speed-up over the per-edge reference (neighbouring runs): {out['speedup_vs_reference']:.2f}× "
+              f"({out['speedup_vs_reference_nhwc']:.2f}× over it in NHWC) with malloc's default, "
+              f"{out['speedup_vs_reference_kept']:.2f}× ({out['speedup_vs_reference_nhwc_kept']:.2f}×) with memory kept")
+    print(f"malloc keeps {out['keep_freed_memory_mb']} MiB of freed memory: {out['minor_page_faults_per_task']:.0f} "
+          f"minor page faults, {out['system_cpu_seconds_per_task']:.3f} s system CPU per fresh task")
     print(f"fresh α on 1 thread {out['seconds_per_task_1_thread']:.3f} s ({out['thread_speedup']:.2f}× from "
           f"{args.threads} threads); on 2 images of 4×4 {out['seconds_per_task_tiny_input']:.3f} s (per-operator "
           f"cost); conv_1x5_5x1 is {100 * out['flops_share_conv_1x5_5x1']:.0f}% of the FLOPs")

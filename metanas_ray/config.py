@@ -103,6 +103,7 @@ class RunConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     threads: int = 0  # torch threads per worker (0: cores / workers)
+    keep_freed_memory_mb: int = 1024  # freed memory a worker's malloc keeps for reuse (glibc; 0: its default)
 
 
 @dataclass(frozen=True)
@@ -355,6 +356,7 @@ def validate(cfg: Config) -> None:
     need(r.checkpoint_every >= 1, "run.checkpoint_every", "must be at least 1")
     need(r.keep_checkpoints >= 1, "run.keep_checkpoints", "must be at least 1")
     need(r.threads >= 0, "run.threads", "must be >= 0")
+    need(r.keep_freed_memory_mb >= 0, "run.keep_freed_memory_mb", "must be >= 0 (0: malloc's default)")
     need(s.num_workers >= 0, "scale.num_workers", f"must be >= 0 (0: automatic), got {s.num_workers}")
     need(s.num_gpus >= 0, "scale.num_gpus", f"must be >= 0, got {s.num_gpus}")
     need(s.max_failures >= 0, "scale.max_failures", "must be >= 0")

@@ -60,6 +60,7 @@ def meta_test(net: nn.Module, state: State, sampler: TaskSampler, n_tasks: int, 
 def main(argv: list[str] | None = None) -> int:
     from . import checkpoint
     from .data import DataError, load_splits
+    from .memory import keep_freed_memory
     from .rundir import RunDir, RunDirError
     from .state import build_network
 
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         d = cfg.data
         sampler = TaskSampler(pool, d.n_way, d.k_shot, d.n_query, cfg.run.seed, args.split)
         net = build_network(cfg, splits.channels)
+        keep_freed_memory(cfg.run.keep_freed_memory_mb)
         n = args.tasks or (cfg.eval.test_tasks if args.split == "test" else cfg.eval.val_tasks)
         t0 = time.perf_counter()
         result = meta_test(net, payload["state"], sampler, n, cfg)

@@ -28,6 +28,7 @@ from .data import MetaSplits, check_tasks, load_splits
 from .evaluate import meta_test
 from .genotype import derive
 from .inner_loop import NonFiniteLossError, Temperature, run_task
+from .memory import keep_freed_memory
 from .meta_update import MetaLearner
 from .rundir import RunDir
 from .state import build_network, clone, flatten, init_state, unflatten
@@ -98,6 +99,7 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
     """
     comm = comm or LocalComm()
     torch.set_num_threads(_threads(cfg, comm.world))
+    keep_freed_memory(cfg.run.keep_freed_memory_mb)  # each inner step reuses the last one's activations
     t_start = time.perf_counter()
     d, T = cfg.data, cfg.run.meta_steps
     splits = splits or load_splits(d)

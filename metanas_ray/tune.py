@@ -544,10 +544,12 @@ def _meta_test_task(cfg_dict: dict[str, Any], state_file: str, gpu: bool) -> dic
     import torch
 
     from .evaluate import meta_test
+    from .memory import keep_freed_memory
     from .state import build_network, clone
 
     cfg = from_dict(cfg_dict)
     torch.set_num_threads(max(1, cfg.run.threads))
+    keep_freed_memory(cfg.run.keep_freed_memory_mb)
     device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
     payload = checkpoint.load(state_file)
     splits = load_splits(cfg.data)

@@ -27,6 +27,7 @@ def test_yaml_and_overrides(tmp_path):
     ("task:\n  tau_alpha_end: 2.0\n", "task.tau_alpha_end"),
     ("model:\n  ops: [conv_3x3, conv_9x9]\n", "conv_9x9"),
     ("model:\n  reduction_layers: [7]\n", "model.reduction_layers"),
+    ("run:\n  keep_freed_memory_mb: -1\n", "run.keep_freed_memory_mb"),
     ("data: [1, 2]\n", "data"),
     ("data:\n  n_way: [1\n", "not valid YAML"),
     ("- a\n- b\n", "mapping"),
