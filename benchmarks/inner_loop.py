@@ -16,14 +16,15 @@ each as the median of ``--repeats`` runs after warm-up, alternating with the sam
 (parameters copied into the one reused module, ``net(x, mix)`` + ``torch.autograd.grad`` over
 ``net.parameters()``) instead of ``torch.func.functional_call``. Also: the per-edge reference supernet
 (``tests/reference_search_space.py``, as it was) as is and with NHWC activations, each run alternating with a
-fresh task so that the speed-up is a ratio of neighbours (the machine's speed drifts), FLOPs per task
+fresh task so that the speed-up is a ratio of neighbours (the machine's speed drifts; both under glibc's default
+malloc, as the official code runs, before the rest keeps freed memory), FLOPs per task
 (FlopCounterMode; its convolution-backward formula ignores ``groups`` for the weight gradient, counting a
 depthwise conv's ×C too high, so a corrected formula is used and the default count is reported beside it), and
 the GFLOP/s of a 2048×2048 float32 matmul on the same threads.
 
 malloc keeps freed memory as the meta-training workers do (``run.keep_freed_memory_mb``; the minor page faults
-and system CPU seconds per fresh task are recorded); ``--keep-freed-memory-mb 0`` leaves it at glibc's default
-for a comparison.
+and system CPU seconds per fresh task are recorded; ``--keep-freed-memory-mb 0``: glibc's default throughout).
+``python -m benchmarks.allocator`` measures what keeping it gains, in fresh processes.
 
 Other processes share the CPU: the load average is recorded at the start, before each timed round and at the
 end; rerun when it is high. With 2 threads on a busy 2-core machine OpenMP's default spin-waiting collapses
@@ -262,17 +263,14 @@ def main() -> None:
     active = {t: int((m > 0.01).sum()) for t, m in mixture(
         annealed["alphas"], *tau_final, cfg.model.nodes).items()}
 
-    # The per-edge reference beside fresh tasks (their ratio does not drift with the machine's speed): first under
-    # glibc's default malloc, as the official code runs, then with freed memory kept, as our workers run.
-    reference, reference_kept = {}, {}
+    # The per-edge reference beside fresh tasks (their ratio does not drift with the machine's speed), both under
+    # glibc's default malloc, as the official code runs. (Not a comparison of mallocs: later rounds of one process
+    # run slower than its first, whatever malloc does; benchmarks/allocator.py compares them in fresh processes.)
+    reference = {}
     if args.reference_repeats > 0:
         refs = reference_tasks(cfg, (x_train, y_train, x_query, y_query), steps, tau_final)
-        reference = _times({"fresh_malloc_default": lambda: task(fresh, 0.0),
-                            **{k + "_malloc_default": f for k, f in refs.items()}}, args.reference_repeats, 0)[0]
+        reference = _times({"fresh_beside_reference": lambda: task(fresh, 0.0), **refs}, args.reference_repeats, 0)[0]
     kept = keep_freed_memory(keep_mb)  # as the meta-training workers do
-    if args.reference_repeats > 0:
-        reference_kept = _times({"fresh_beside_reference": lambda: task(fresh, 0.0), **refs},
-                                args.reference_repeats, 1)[0]
 
     times, cpu_times = _times({
         "fresh": lambda: task(fresh, 0.0), "fresh_module": lambda: task_module(fresh, 0.0),
@@ -336,19 +334,13 @@ def main() -> None:
         "cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
     }
     if reference:
-        m = {k: statistics.median(v) for k, v in {**reference, **reference_kept}.items()}
-        out["seconds_per_task_malloc_default"] = m["fresh_malloc_default"]
-        out["seconds_per_task_reference"] = m["reference_malloc_default"]
-        out["seconds_per_task_reference_nhwc"] = m["reference_nhwc_malloc_default"]
-        # as the official code runs (malloc's default) against this code as the workers run it
-        out["speedup_vs_reference"] = m["reference_malloc_default"] / m["fresh_malloc_default"]
-        out["speedup_vs_reference_nhwc"] = m["reference_nhwc_malloc_default"] / m["fresh_malloc_default"]
+        m = {k: statistics.median(v) for k, v in reference.items()}
         out["seconds_per_task_beside_reference"] = m["fresh_beside_reference"]
-        out["seconds_per_task_reference_kept"] = m["reference"]
-        out["seconds_per_task_reference_nhwc_kept"] = m["reference_nhwc"]
-        out["speedup_vs_reference_kept"] = m["reference"] / m["fresh_beside_reference"]
-        out["speedup_vs_reference_nhwc_kept"] = m["reference_nhwc"] / m["fresh_beside_reference"]
-        out["reference_seconds_all"] = {**reference, **reference_kept}
+        out["seconds_per_task_reference"] = m["reference"]
+        out["seconds_per_task_reference_nhwc"] = m["reference_nhwc"]
+        out["speedup_vs_reference"] = m["reference"] / m["fresh_beside_reference"]
+        out["speedup_vs_reference_nhwc"] = m["reference_nhwc"] / m["fresh_beside_reference"]
+        out["reference_seconds_all"] = reference
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
@@ -361,22 +353,17 @@ def main() -> None:
             ("annealed α, functional_call", med["annealed"], cpu_med["annealed"], flops["annealed"]),
             ("annealed α, module form", med["annealed_module"], cpu_med["annealed_module"], flops["annealed"])]
     if reference:
-        rows += [("fresh α, malloc's default", out["seconds_per_task_malloc_default"], float("nan"), flops["fresh"]),
-                 ("per-edge reference, malloc's default", out["seconds_per_task_reference"], float("nan"),
+        rows += [("fresh α, beside the reference", out["seconds_per_task_beside_reference"], float("nan"),
                   flops["fresh"]),
-                 ("  the same, NHWC", out["seconds_per_task_reference_nhwc"], float("nan"), flops["fresh"]),
-                 ("fresh α, beside the kept-memory ones", out["seconds_per_task_beside_reference"], float("nan"),
-                  flops["fresh"]),
-                 ("per-edge reference, memory kept", out["seconds_per_task_reference_kept"], float("nan"),
-                  flops["fresh"]),
-                 ("  the same, NHWC", out["seconds_per_task_reference_nhwc_kept"], float("nan"), flops["fresh"])]
+                 ("per-edge reference (fresh)", out["seconds_per_task_reference"], float("nan"), flops["fresh"]),
+                 ("per-edge reference, NHWC (fresh)", out["seconds_per_task_reference_nhwc"], float("nan"),
+                  flops["fresh"])]
     for name, sec, cpu, f in rows:
         print(f"{name:<36}{sec:>9.3f}{cpu:>9.2f}{f / 1e9:>9.1f}{f / sec / 1e9:>9.1f}")
     print(f"{'2048² float32 matmul':<36}{'':>9}{'':>9}{'':>9}{mm:>9.1f}")
     if reference:
-        print(f"speed-up over the per-edge reference (neighbouring runs): {out['speedup_vs_reference']:.2f}× "
-              f"({out['speedup_vs_reference_nhwc']:.2f}× over it in NHWC) with malloc's default, "
-              f"{out['speedup_vs_reference_kept']:.2f}× ({out['speedup_vs_reference_nhwc_kept']:.2f}×) with memory kept")
+        print(f"speed-up over the per-edge reference (neighbouring runs, malloc's default): "
+              f"{out['speedup_vs_reference']:.2f}× ({out['speedup_vs_reference_nhwc']:.2f}× over it in NHWC)")
     print(f"malloc keeps {out['keep_freed_memory_mb']} MiB of freed memory: {out['minor_page_faults_per_task']:.0f} "
           f"minor page faults, {out['system_cpu_seconds_per_task']:.3f} s system CPU per fresh task")
     print(f"fresh α on 1 thread {out['seconds_per_task_1_thread']:.3f} s ({out['thread_speedup']:.2f}× from "

@@ -3,12 +3,12 @@
 Every inner step allocates and frees the same activations (hundreds of MB at the paper's Omniglot
 setting). By default glibc serves large blocks with fresh ``mmap`` pages and returns freed memory at the
 top of the heap to the OS, so each step page-faults its activations in again and the kernel zeroes them
-(62,000–86,000 minor faults and 0.12–0.16 s of system CPU time per task there). :func:`keep_freed_memory`
+(55,000–86,000 minor faults and 0.11–0.16 s of system CPU time per task there). :func:`keep_freed_memory`
 raises glibc's mmap and trim thresholds so that freed blocks stay in the heap and the next step reuses them:
-no faults after the first task, 0.01 s of system time, and the resident size stays at its peak. The wall time
-of a task falls by about 3% on the 2-core test machine (median of 6 interleaved pairs of processes;
-``python -m benchmarks.inner_loop`` records the faults and system time). Only the process that calls it is
-affected: the meta-training workers (``run.keep_freed_memory_mb``). A no-op where the C library is not glibc.
+no faults after the first task, 0.01–0.02 s of system time, and the resident size stays at its peak. A task
+takes 4–8% less time on the 2-core test machine (``python -m benchmarks.allocator``, in fresh processes). Only
+the process that calls it is affected: the meta-training workers (``run.keep_freed_memory_mb``). A no-op where
+the C library is not glibc.
 """
 from __future__ import annotations
 
