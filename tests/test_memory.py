@@ -37,10 +37,12 @@ def _faults_per_task(mb: int) -> tuple[bool, list[int]]:
 def test_kept_memory_makes_later_tasks_fault_free_where_mallocs_default_does_not():
     took, kept = _faults_per_task(1024)
     assert took
-    assert kept[0] > 1000 and max(kept[2:]) <= 100  # the first task faults its activations in, once
+    # the first task faults its activations in, once; the next three reuse them (measured: 0-700 faults in all)
+    assert kept[0] > 1000 and sum(kept[1:]) < 0.05 * kept[0]
     took, default = _faults_per_task(0)
     assert not took
-    assert min(default[2:]) > 1000  # glibc's default hands them back to the OS after every task
+    # glibc's default hands them back to the OS after every task (measured: 0.3-1.0× the first task's faults)
+    assert sum(default[1:]) > 0.15 * default[0]
 
 
 def test_zero_leaves_malloc_alone():
