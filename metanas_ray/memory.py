@@ -43,7 +43,8 @@ def keep_freed_memory(mb: int) -> bool:
         return False
     size = min(mb << 20, 2**31 - 1)
     # older glibc refuses thresholds above 32 MiB: blocks above it are then mmap'ed, as before
-    ok = bool(libc.mallopt(M_MMAP_THRESHOLD, size) or libc.mallopt(M_MMAP_THRESHOLD, min(size, _MMAP_THRESHOLD_MAX)))
+    ok = bool(libc.mallopt(M_MMAP_THRESHOLD, size)
+              or libc.mallopt(M_MMAP_THRESHOLD, min(size, _MMAP_THRESHOLD_MAX)))
     ok = bool(libc.mallopt(M_TRIM_THRESHOLD, size)) and ok
     ok = bool(libc.mallopt(M_TOP_PAD, min(size, 64 << 20))) and ok
     if not ok:
