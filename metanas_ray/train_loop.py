@@ -80,7 +80,7 @@ def _stats_vector(values: list[float]) -> torch.Tensor:
 def _per_worker(comm, values: list[float], device) -> list[list[float]]:
     """``values`` of every worker, by rank (one all-reduce of a world × len(values) matrix)."""
     m = torch.zeros(comm.world, len(values), dtype=torch.float64, device=device)
-    m[comm.rank] = torch.tensor(values, dtype=torch.float64)
+    m[comm.rank] = _stats_vector(values)
     return comm.all_reduce_sum(m).cpu().tolist()
 
 
