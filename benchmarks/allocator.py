@@ -31,23 +31,18 @@ def child(keep_mb: int, tasks: int, threads: int) -> dict:
     """Time ``tasks`` fresh tasks in this process (after 2 warm-up tasks)."""
     import torch
 
+    from benchmarks.inner_loop import paper_setting
     from metanas_ray import inner_loop
-    from metanas_ray.config import Config
     from metanas_ray.memory import keep_freed_memory
-    from metanas_ray.state import build_network, init_state
 
     kept = keep_freed_memory(keep_mb)
     torch.set_num_threads(threads)
-    cfg = Config().override({"data.n_way": 20})
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.rand(20, 1, 28, 28, generator=gen), torch.arange(20)
-    net = build_network(cfg, 1)
-    fresh = init_state(cfg, net)
+    cfg, net, fresh, (x_train, y_train, x_query, y_query) = paper_setting(torch.Generator().manual_seed(0))
     tau = inner_loop.Temperature.from_config(cfg.task).final
 
     def task():
-        adapted, _ = inner_loop.adapt(net, fresh, x, y, cfg.task, cfg.task.steps)
-        inner_loop.accuracy(net, adapted, x, y, tau)
+        adapted, _ = inner_loop.adapt(net, fresh, x_train, y_train, cfg.task, cfg.task.steps)
+        inner_loop.accuracy(net, adapted, x_query, y_query, tau)
 
     for _ in range(2):
         task()

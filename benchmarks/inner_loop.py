@@ -62,6 +62,18 @@ def _reference_module():
     return module
 
 
+def paper_setting(gen: torch.Generator):
+    """The timed setting: ``(cfg, net, fresh state, (x_train, y_train, x_query, y_query))``, at ``Config()``
+    defaults with 20-way 1-shot tasks of 28×28 images (drawn from ``gen``)."""
+    from metanas_ray.config import Config
+    from metanas_ray.state import build_network, init_state
+    cfg = Config().override({"data.n_way": 20})
+    x_train, y_train = torch.rand(20, 1, 28, 28, generator=gen), torch.arange(20)
+    x_query, y_query = torch.rand(20, 1, 28, 28, generator=gen), torch.arange(20)
+    net = build_network(cfg, 1)
+    return cfg, net, init_state(cfg, net), (x_train, y_train, x_query, y_query)
+
+
 def reference_tasks(cfg, data, steps: int, tau_final) -> dict[str, Callable[[], None]]:
     """One fresh task of the per-edge reference supernet, as is and with NHWC activations (warmed up)."""
     from metanas_ray import inner_loop
@@ -216,20 +228,14 @@ def main() -> None:
     load_start = os.getloadavg()
 
     from metanas_ray import inner_loop
-    from metanas_ray.config import Config
     from metanas_ray.memory import keep_freed_memory
     from metanas_ray.search_space import mixture
     from metanas_ray.state import build_network, init_state
 
-    cfg = Config().override({"data.n_way": 20})
+    gen = torch.Generator().manual_seed(0)
+    cfg, net, fresh, (x_train, y_train, x_query, y_query) = paper_setting(gen)
     keep_mb = cfg.run.keep_freed_memory_mb if args.keep_freed_memory_mb is None else args.keep_freed_memory_mb
     steps, tau_final = cfg.task.steps, inner_loop.Temperature.from_config(cfg.task).final
-    gen = torch.Generator().manual_seed(0)
-    x_train, y_train = torch.rand(20, 1, 28, 28, generator=gen), torch.arange(20)
-    x_query, y_query = torch.rand(20, 1, 28, 28, generator=gen), torch.arange(20)
-
-    net = build_network(cfg, 1)
-    fresh = init_state(cfg, net)
     annealed = {"weights": fresh["weights"],
                 "alphas": annealed_alphas(fresh["alphas"], len(cfg.model.ops), cfg.model.nodes)}
     if cfg.model.channels_last:  # the module form holds NHWC weights too, as init_state's are
