@@ -7,6 +7,7 @@ derived genotype's operations and inputs). Reports mean accuracy and its 95% con
 
     python -m metanas_ray.evaluate runs/quick                  # meta-test the run's last checkpoint
     python -m metanas_ray.evaluate runs/quick --split val --tasks 100
+    python -m metanas_ray.evaluate runs/quick --device cpu      # default: the GPU when PyTorch sees one
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .comm import LocalComm, my_share
 from .config import Config
 from .data import TaskSampler
 from .inner_loop import Temperature, accuracy, adapt
-from .state import State
+from .state import State, place
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,22 @@ def meta_test(net: nn.Module, state: State, sampler: TaskSampler, n_tasks: int, 
             "tasks": n}
 
 
+def _device(name: str) -> torch.device:
+    """``name`` as a torch device ("auto": the GPU when PyTorch sees one); a ValueError names what is wrong."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: PyTorch sees {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import checkpoint
     from .data import DataError, load_splits
@@ -70,9 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=int, default=0, help="number of tasks (default: eval.test_tasks / val_tasks)")
     p.add_argument("--checkpoint", default="", help="a checkpoint file (default: the run's latest)")
     p.add_argument("--data-root", default="", help="override data.root of the saved config")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        device = _device(args.device)
         run = RunDir(args.run_dir)
         ckpt_path = args.checkpoint or run.latest_checkpoint()
         if not ckpt_path:
@@ -89,12 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory(cfg.run.keep_freed_memory_mb)
         n = args.tasks or (cfg.eval.test_tasks if args.split == "test" else cfg.eval.val_tasks)
         t0 = time.perf_counter()
-        result = meta_test(net, payload["state"], sampler, n, cfg)
+        result = meta_test(net, place(net, payload["state"], device), sampler, n, cfg, device=device)
     except (RunDirError, checkpoint.CheckpointError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result.update(split=args.split, checkpoint=str(ckpt_path), meta_steps=payload["step"],
-                  seconds=time.perf_counter() - t0)
+                  seconds=time.perf_counter() - t0, device=str(device))
     print(json.dumps(result, indent=2))
     return 0
 

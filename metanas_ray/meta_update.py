@@ -78,7 +78,10 @@ class MetaLearner:
         p.addcdiv_(m_hat, v_hat.sqrt().add_(eps), value=-lr)
 
     def state_dict(self) -> dict:
-        return {"t": int(self.adam["t"]), "m": dict(self.adam["m"]), "v": dict(self.adam["v"])}
+        """A snapshot on the CPU: a checkpoint holds copies of Adam's moments, not the live (GPU) tensors."""
+        return {"t": int(self.adam["t"]),
+                **{key: {k: v.detach().to("cpu", copy=True) for k, v in self.adam[key].items()} for key in "mv"}}
 
-    def load_state_dict(self, d: dict) -> None:
-        self.adam = {"t": int(d["t"]), "m": dict(d["m"]), "v": dict(d["v"])}
+    def load_state_dict(self, d: dict, device: str | torch.device = "cpu") -> None:
+        """Restore from :meth:`state_dict` onto ``device``, the meta-parameters' device."""
+        self.adam = {"t": int(d["t"]), **{key: {k: v.to(device) for k, v in d[key].items()} for key in "mv"}}

@@ -71,6 +71,30 @@ class PoolBN(nn.Sequential):
         super().__init__(pool, bn(c))
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return (torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format)
+
+
+def factorized_halves(r: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                      even: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FactorizedReduce's two halves of ``r`` ``[B, C, H, W]``: 1×1 convs (weights ``w1``, ``w2``) at stride 2 of
+    ``r`` and of ``r`` shifted by one pixel (zero beyond the edge), each ``[B, ·, ⌈H/2⌉, ⌈W/2⌉]``.
+
+    Computed as stride-1 convs of dense subsampled copies (r's even pixels, or ``even`` if already made; its odd
+    pixels, zero-padded to ⌈H/2⌉ × ⌈W/2⌉): the same sums. The stride-2 form's weight gradient in NHWC corrupts
+    the heap on the CPU for some shapes (torch 2.14.1, e.g. 5 images of 4 channels at 12×12; see
+    ``tests/test_ops.py``)."""
+    fmt = _memory_format(r)
+    h, w = (r.shape[-2] + 1) // 2, (r.shape[-1] + 1) // 2
+    odd = r[:, :, 1::2, 1::2]
+    if odd.shape[-2:] != (h, w):
+        odd = F.pad(odd, (0, w - odd.shape[-1], 0, h - odd.shape[-2]))
+    if even is None:
+        even = r[:, :, ::2, ::2].contiguous(memory_format=fmt)
+    return F.conv2d(even, w1), F.conv2d(odd.contiguous(memory_format=fmt), w2)
+
+
 class FactorizedReduce(nn.Module):
     """Halve H and W with two offset 1×1 stride-2 convolutions (each c_out/2 channels), then BN."""
 
@@ -82,9 +106,7 @@ class FactorizedReduce(nn.Module):
         self.bn = bn(c_out, affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(x)
-        shifted = nn.functional.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]  # same size as x, offset by one pixel
-        return self.bn(torch.cat([self.conv1(x), self.conv2(shifted)], dim=1))
+        return self.bn(torch.cat(factorized_halves(self.relu(x), self.conv1.weight, self.conv2.weight), dim=1))
 
 
 class Zero(nn.Module):
@@ -141,11 +163,6 @@ _SEP = {"sep_conv_3x3": (3, 1), "sep_conv_5x5": (5, 2)}  # kernel, padding
 def _bn(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """BatchNorm2d(affine=False, track_running_stats=False) on batch statistics, times ``scale`` per channel."""
     return F.batch_norm(x, None, None, scale, None, True, 0.0, 1e-5)
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return (torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-            else torch.contiguous_format)
 
 
 class EdgeOps(nn.Module):
@@ -213,14 +230,18 @@ class EdgeOps(nn.Module):
                 cache["relu"] = F.relu(x)
             return cache["relu"]
 
+        def subsampled() -> torch.Tensor:
+            """Every s-th pixel of ReLU(x), dense."""
+            if "sub" not in cache:
+                r = relu()
+                cache["sub"] = r[:, :, ::s, ::s].contiguous(memory_format=_memory_format(r))
+            return cache["sub"]
+
         def depthwise_first(w: torch.Tensor, n: int, pad: int, dil: int) -> torch.Tensor:
             """Depthwise conv of the shared ReLU(x) with each of the n edges' kernels, concatenated."""
             inp, stride = relu(), s
             if s > 1 and dil == s and pad % s == 0:  # dilation = stride: an undilated conv of every s-th pixel
-                if "sub" not in cache:
-                    r = relu()
-                    cache["sub"] = r[:, :, ::s, ::s].contiguous(memory_format=_memory_format(r))
-                inp, stride, pad, dil = cache["sub"], 1, pad // s, 1
+                inp, stride, pad, dil = subsampled(), 1, pad // s, 1
             outs = [F.conv2d(inp, w[e * c:(e + 1) * c], None, stride, pad, dil, c) for e in range(n)]
             return outs[0] if n == 1 else torch.cat(outs, dim=1)
 
@@ -254,9 +275,8 @@ class EdgeOps(nn.Module):
                 y = F.conv2d(y, self._rows(f"{name}_pw2", sel), None, 1, 0, 1, n)
             else:  # skip_connect at stride 2: FactorizedReduce
                 r = relu()
-                shifted = F.pad(r, (0, 1, 0, 1))[:, :, 1:, 1:]
-                a = F.conv2d(r, self._rows(f"{name}_conv1", sel), None, 2)
-                b = F.conv2d(shifted, self._rows(f"{name}_conv2", sel), None, 2)
+                a, b = factorized_halves(r, self._rows(f"{name}_conv1", sel), self._rows(f"{name}_conv2", sel),
+                                         subsampled())
                 # per edge: its c//2 channels of a, then its c - c//2 channels of b
                 y = torch.cat([a.unflatten(1, (n, c // 2)), b.unflatten(1, (n, c - c // 2))], dim=2)
                 y = y.flatten(1, 2).contiguous(memory_format=_memory_format(r))

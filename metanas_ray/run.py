@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="CPU workers (scale.num_workers)")
     p.add_argument("--num-gpus", type=int, help="GPU workers, one GPU each (scale.num_gpus)")
     p.add_argument("--address", help="Ray cluster address (scale.address; default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--in-process", action="store_true", help="run the loop in this process, without Ray")
+    p.add_argument("--in-process", action="store_true", help="run the loop in this process, without Ray (on the GPU with --num-gpus 1)")
     return p
 
 
@@ -80,12 +80,27 @@ def resolve(args: argparse.Namespace) -> tuple[Config, RunDir, dict | None]:
     return cfg, RunDir(out), None
 
 
+def in_process_device(cfg: Config) -> str:
+    """The device of an ``--in-process`` run: the CPU, or the one GPU that ``--num-gpus 1`` asks for."""
+    if not cfg.scale.num_gpus:
+        return "cpu"
+    if cfg.scale.num_gpus > 1:
+        raise ConfigError(f"--in-process runs in one process on one device; --num-gpus {cfg.scale.num_gpus} "
+                          f"needs Ray Train (drop --in-process)")
+    import torch
+    if not torch.cuda.is_available():
+        raise ConfigError("--num-gpus 1 asks for a GPU, but PyTorch sees none (torch.cuda.is_available() is False); "
+                          "on the CPU drop --num-gpus (when resuming a GPU run: --set scale.num_gpus=0)")
+    return "cuda"
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     args = parser().parse_args(argv)
     run = None  # set once this invocation owns the run directory
     try:
         cfg, target, payload = resolve(args)
+        device = in_process_device(cfg) if args.in_process else None  # checked before the run directory
         if args.resume:
             save(cfg, target.config_file)
         else:
@@ -94,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("run directory: %s", run.path)
         if args.in_process:
             from .train_loop import Recorder, meta_train
-            summary = meta_train(cfg, Recorder(run), resume=payload)
+            summary = meta_train(cfg, Recorder(run), device=device, resume=payload)
         else:
             from .ray_train import fit
             summary = fit(cfg, run, resume=payload)

@@ -65,5 +65,22 @@ def clone(state: State, device: torch.device | str | None = None) -> State:
             for p, d in state.items()}
 
 
+def place(net: nn.Module, state: State, device: torch.device | str) -> State:
+    """Move ``net`` to ``device``; return a copy of ``state`` there, its conv weights in the network's layout.
+
+    NHWC (``model.channels_last``) is for the CPU, where oneDNN's NHWC kernels are the fast ones. On a GPU the
+    network runs NCHW: a task there is bound by launching its ~32,000 kernels, not by their arithmetic (kernel
+    time 18% of the wall time on an H100, ``python -m benchmarks.cuda``), so the layout buys nothing, and NCHW
+    is the layout whose results were checked against the CPU's on a GPU (``tests/test_cuda.py``)."""
+    device = torch.device(device)
+    net.to(device)
+    if device.type != "cpu":
+        net.channels_last = False
+    fmt = torch.channels_last if getattr(net, "channels_last", False) else torch.contiguous_format
+    return {p: {k: v.detach().to(device, copy=True).contiguous(memory_format=fmt if v.dim() == 4
+                                                               else torch.contiguous_format)
+                for k, v in d.items()} for p, d in state.items()}
+
+
 def count(state: State, part: str = "weights") -> int:
     return sum(v.numel() for v in state[part].values())

@@ -31,7 +31,7 @@ from .inner_loop import NonFiniteLossError, Temperature, run_task
 from .memory import keep_freed_memory
 from .meta_update import MetaLearner
 from .rundir import RunDir
-from .state import build_network, clone, flatten, init_state, unflatten
+from .state import build_network, clone, flatten, init_state, place, unflatten
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +104,13 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
     d, T = cfg.data, cfg.run.meta_steps
     splits = splits or load_splits(d)
     samplers = check_tasks(d, splits, cfg.run.seed)  # fails here, before any work, if a split is too small
-    net = build_network(cfg, splits.channels).to(device)
-    state = clone(init_state(cfg, net), device)
+    net = build_network(cfg, splits.channels)
+    state = place(net, init_state(cfg, net), device)
     learner = MetaLearner(cfg.meta, T)
     start, rows, elapsed_before = 0, [], 0.0
     if resume is not None:
-        state = clone(resume["state"], device)
-        learner.load_state_dict(resume["meta_optimizer"])
+        state = place(net, resume["state"], device)
+        learner.load_state_dict(resume["meta_optimizer"], device)
         start, rows = int(resume["step"]), list(resume["metrics"])
         elapsed_before = float(resume.get("elapsed", 0.0))
         torch.set_rng_state(resume["rng"])
@@ -202,6 +202,7 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
         "wall_seconds": elapsed_before + time.perf_counter() - t_start,
         "tasks_per_second": tasks_done / train_seconds if train_seconds > 0 and tasks_done else math.nan,
         "workers": comm.world,
+        "device": torch.device(device).type,  # cpu | cuda
         "tasks_per_worker": [len(range(r, cfg.meta.meta_batch, comm.world)) for r in range(comm.world)],
         # where each worker's meta-training time went: its tasks (inner loops and contributions), the
         # all-reduce (communication and waiting for the slowest worker), the meta-update (serial per step)

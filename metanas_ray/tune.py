@@ -545,7 +545,7 @@ def _meta_test_task(cfg_dict: dict[str, Any], state_file: str, gpu: bool) -> dic
 
     from .evaluate import meta_test
     from .memory import keep_freed_memory
-    from .state import build_network, clone
+    from .state import build_network, place
 
     cfg = from_dict(cfg_dict)
     torch.set_num_threads(max(1, cfg.run.threads))
@@ -554,8 +554,8 @@ def _meta_test_task(cfg_dict: dict[str, Any], state_file: str, gpu: bool) -> dic
     payload = checkpoint.load(state_file)
     splits = load_splits(cfg.data)
     sampler = check_tasks(cfg.data, splits, cfg.run.seed)["test"]  # the sampler meta_train's final test uses
-    net = build_network(cfg, splits.channels).to(device)
-    result = meta_test(net, clone(payload["state"], device), sampler, cfg.eval.test_tasks, cfg, device=device)
+    net = build_network(cfg, splits.channels)
+    result = meta_test(net, place(net, payload["state"], device), sampler, cfg.eval.test_tasks, cfg, device=device)
     return {**result, "step": int(payload["step"])}
 
 

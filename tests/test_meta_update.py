@@ -62,7 +62,9 @@ def test_adam_meta_optimizer_state_round_trips(tmp_path):
     a, b = MetaLearner(cfg, 10), MetaLearner(cfg, 10)
     meta_a, meta_b, target = _state(0), _state(0), _state(1)
     a.step(meta_a, target, 0)
-    torch.save(a.state_dict(), tmp_path / "opt.pt")
+    snapshot = a.state_dict()
+    saved = {key: clone({"x": snapshot[key]})["x"] for key in "mv"}
+    torch.save(snapshot, tmp_path / "opt.pt")
     b.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
     b_meta = clone(meta_a)
     a.step(meta_a, target, 1)
@@ -70,3 +72,8 @@ def test_adam_meta_optimizer_state_round_trips(tmp_path):
     for k in meta_a["weights"]:
         assert torch.equal(meta_a["weights"][k], b_meta["weights"][k])
         assert not torch.equal(meta_a["weights"][k], meta_b["weights"][k])
+    # a state_dict is a snapshot: the next step does not change what a checkpoint payload already holds
+    # (a payload kept in memory, or written later, must be the moments of its own step)
+    for key in "mv":
+        for k, v in snapshot[key].items():
+            assert torch.equal(v, saved[key][k]) and not torch.equal(v, a.adam[key][k])

@@ -57,8 +57,11 @@ def test_smoke_sweep_stops_bad_trials_writes_every_output_and_its_best_config_ru
         assert row["seed"] == "0" and row["status"] == "TERMINATED"
     stopped = {float(r["task.lr_w"]) for r in rows if r["stopped_early"] == "True"}
     assert {0.01, 0.02} <= stopped  # the bad inner learning rates (chance level) are cut at the first rung
-    for r in rows:
-        assert int(r["meta_steps"]) == (2 if r["stopped_early"] == "True" else 6)
+    for r in rows:  # stopped at a rung (a good trial can lose at the second, to the other good one), or finished
+        steps = int(r["meta_steps"])
+        assert steps in ((2, 4) if r["stopped_early"] == "True" else (6,))
+        if float(r["task.lr_w"]) in (0.01, 0.02):
+            assert steps == 2
         assert float(r["best_val_accuracy"]) >= float(r["last_val_accuracy"]) - 1e-9
 
     summary = json.loads((out / "summary.json").read_text())
