@@ -1,8 +1,8 @@
 """The CUDA path: the supernet and the task-learner compute on the GPU what they compute on the CPU, and a run
 started on the GPU (in-process or on a Ray Train GPU worker) is evaluated, resumed or read on the CPU.
 
-The GPU tests skip where PyTorch sees no GPU (CI); ``python -m benchmarks.cuda`` runs them on a GPU machine.
-The device choices' error messages are tested everywhere.
+The GPU tests skip where PyTorch sees no GPU (CI): on a GPU machine, ``python -m pytest tests/test_cuda.py``
+(``python -m benchmarks.cuda`` times the GPU). The device choices' error messages are tested everywhere.
 """
 from __future__ import annotations
 
