@@ -86,7 +86,7 @@ def in_process_device(cfg: Config) -> str:
         return "cpu"
     if cfg.scale.num_gpus > 1:
         raise ConfigError(f"--in-process runs in one process on one device; --num-gpus {cfg.scale.num_gpus} "
-                          f"needs Ray Train (drop --in-process)")
+                          f"needs Ray Train (drop --in-process; to resume on the CPU: --set scale.num_gpus=0)")
     import torch
     if not torch.cuda.is_available():
         raise ConfigError("--num-gpus 1 asks for a GPU, but PyTorch sees none (torch.cuda.is_available() is False); "

@@ -56,7 +56,7 @@ def test_in_process_run_without_its_gpu_stops_before_writing(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("device, needle", [("meta", "only cpu and cuda"), ("cuda:x", "not a device"),
-                                            ("cuda:7", "CUDA device")])
+                                            (f"cuda:{torch.cuda.device_count()}", "CUDA device")])  # one past the last
 def test_evaluate_names_a_bad_device(tmp_path, capsys, device, needle):
     assert main(["--config", str(SMOKE), "--output", str(tmp_path / "r"), "--in-process",
                  "--set", "run.meta_steps=2", "--set", "eval.test_tasks=2", "--set", "eval.every=0"]) == 0
