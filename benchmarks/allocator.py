@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ def child(keep_mb: int, tasks: int, threads: int) -> dict:
     """Time ``tasks`` fresh tasks in this process (after 2 warm-up tasks)."""
     import torch
 
-    from benchmarks.inner_loop import paper_setting
+    from benchmarks.inner_loop import FAULTS, _times, paper_setting
     from metanas_ray import inner_loop
     from metanas_ray.memory import keep_freed_memory
 
@@ -44,16 +43,8 @@ def child(keep_mb: int, tasks: int, threads: int) -> dict:
         adapted, _ = inner_loop.adapt(net, fresh, x_train, y_train, cfg.task, cfg.task.steps)
         inner_loop.accuracy(net, adapted, x_query, y_query, tau)
 
-    for _ in range(2):
-        task()
-    seconds, faults, system = [], [], []
-    for _ in range(tasks):
-        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        task()
-        seconds.append(time.perf_counter() - t0)
-        r1 = resource.getrusage(resource.RUSAGE_SELF)
-        faults.append(r1.ru_minflt - r0.ru_minflt)
-        system.append(r1.ru_stime - r0.ru_stime)
+    seconds = _times({"fresh": task}, tasks, 2)[0]["fresh"]
+    faults, system = (list(v) for v in zip(*FAULTS["fresh"]))
     return {"kept": kept, "seconds": seconds, "minor_page_faults": faults, "system_cpu_seconds": system}
 
 

@@ -7,9 +7,9 @@ One task = ``inner_loop.adapt`` (5 first-order DARTS steps on 20 images, 20-way 
 ``inner_loop.accuracy`` on 20 query images, for fresh α (every operation active) and annealed α (soft-pruned
 terms skipped), each the median of ``--repeats`` synchronised runs after warm-up, in four forms: float32 with
 PyTorch's defaults (cuDNN may use TF32) in NCHW, the layout runs use on a GPU (``state.place``), the same with
-TF32 off, under bfloat16 autocast (``task.bf16``), and float32 with NHWC weights and activations. Where the time goes: the GPU's kernel time per fresh task and the number
-of kernels (``torch.profiler``); wall time far above kernel time means the task is bound by launching kernels
-and by the host, not by the GPU's arithmetic.
+TF32 off, under bfloat16 autocast (``task.bf16``), and float32 with NHWC weights and activations. Where the time
+goes: the GPU's kernel time per fresh task and the number of kernels (``torch.profiler``); wall time far above
+kernel time means the task is bound by launching kernels and by the host, not by the GPU's arithmetic.
 """
 from __future__ import annotations
 

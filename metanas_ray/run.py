@@ -43,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="CPU workers (scale.num_workers)")
     p.add_argument("--num-gpus", type=int, help="GPU workers, one GPU each (scale.num_gpus)")
     p.add_argument("--address", help="Ray cluster address (scale.address; default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--in-process", action="store_true", help="run the loop in this process, without Ray (on the GPU with --num-gpus 1)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the loop in this process, without Ray (on the GPU with --num-gpus 1)")
     return p
 
 
