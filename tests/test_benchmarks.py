@@ -12,3 +12,15 @@ def test_official_benchmark_names_a_missing_checkout(tmp_path):
     assert r.returncode != 0
     assert "no official MetaNAS checkout" in r.stderr and "git clone https://github.com/boschresearch/metanas" in r.stderr
     assert not (tmp_path / "out.json").exists()
+
+
+def test_official_benchmark_names_a_module_the_official_code_lacks(tmp_path):
+    root = tmp_path / "metanas"
+    (root / "metanas").mkdir(parents=True)
+    (root / "metanas" / "__init__.py").write_text("")
+    (root / "metanas" / "metanas_main.py").write_text("import scipy_not_installed_here\n")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.official", "--official-root", str(root),
+                        "--out", str(tmp_path / "out.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "needs 'scipy_not_installed_here'" in r.stderr and "pip install scipy_not_installed_here" in r.stderr
+    assert not (tmp_path / "out.json").exists()
