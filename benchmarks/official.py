@@ -8,18 +8,19 @@ reductions at 1 and 3, 3 nodes, 28 channels, the seven few-shot operations, pair
 annealed linearly 1 → 0.05, drop-path 0.2, first-order DARTS) with ``hp_setting og_metanas`` applied
 (``utils.set_hyperparameter``: 5 task-train steps, batches of 20), ``metanas_main.py``'s defaults for the rest, on
 the CPU. (The script's tasks are 5-shot, but each inner step trains on one batch of 20 images, as a 20-way 1-shot
-task of ours does, and the query batch is 20 images in both.) It needs scipy, as the official code imports it. One official task is what ``metanas_main.train`` does per task: ``Darts.step`` (its inner loop and the
-query evaluation) and ``load_state_dict`` of the meta-model's state. It is timed in both phases of meta-training:
+task of ours does, and the query batch is 20 images in both.) It needs scipy, as the official code imports it. One
+official task is what ``metanas_main.train`` does per task: ``Darts.step`` (its inner loop and the query evaluation)
+and ``load_state_dict`` of the meta-model's state. It is timed in both phases of meta-training:
 
 * search (epoch ≥ ``warm_up_epochs``): per inner step an α step on the architect's network copy, then a w step
   on the model: two forward and backward passes;
 * warm-up (epoch < ``warm_up_epochs``): the w step only;
 
-each round alternating with one fresh task of ours at the paper setting (``benchmarks.inner_loop.paper_setting``:
-5 DARTS steps updating w and α from one backward pass, plus the query evaluation). A speed-up is the median over
-rounds of the ratio of neighbouring runs (this machine's speed drifts by up to a third); the ratio of the medians
-is recorded beside it. Both run under glibc's default malloc and the same threads, on fake
-images (the work per step does not depend on their values; with fresh α nothing is pruned in either).
+each round alternating with one fresh task of ours at the paper setting (``benchmarks.inner_loop.paper_setting``: 5
+DARTS steps updating w and α from one backward pass, plus the query evaluation). A speed-up is the median over
+rounds of the ratio of neighbouring runs (this machine's speed drifts by up to a third); the ratio of the medians is
+recorded beside it. Both run under glibc's default malloc and the same threads, on fake images (the work per step
+does not depend on their values; with fresh α nothing is pruned in either).
 
 Two patches are applied at run time, not to the official files, each only where the checkout has the line it
 replaces (``patches`` in the results says which did): ``ops.drop_path_`` draws its mask with

@@ -10,7 +10,8 @@ def test_official_benchmark_names_a_missing_checkout(tmp_path):
     r = subprocess.run([sys.executable, "-m", "benchmarks.official", "--official-root", str(tmp_path / "metanas"),
                         "--out", str(tmp_path / "out.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
-    assert "no official MetaNAS checkout" in r.stderr and "git clone https://github.com/boschresearch/metanas" in r.stderr
+    assert "no official MetaNAS checkout" in r.stderr
+    assert "git clone https://github.com/boschresearch/metanas" in r.stderr
     assert not (tmp_path / "out.json").exists()
 
 
