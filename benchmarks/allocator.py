@@ -30,20 +30,12 @@ def child(keep_mb: int, tasks: int, threads: int) -> dict:
     """Time ``tasks`` fresh tasks in this process (after 2 warm-up tasks)."""
     import torch
 
-    from benchmarks.inner_loop import FAULTS, _times, paper_setting
-    from metanas_ray import inner_loop
+    from benchmarks.inner_loop import FAULTS, _times, one_task, paper_setting
     from metanas_ray.memory import keep_freed_memory
 
     kept = keep_freed_memory(keep_mb)
     torch.set_num_threads(threads)
-    cfg, net, fresh, (x_train, y_train, x_query, y_query) = paper_setting(torch.Generator().manual_seed(0))
-    tau = inner_loop.Temperature.from_config(cfg.task).final
-
-    def task():
-        adapted, _ = inner_loop.adapt(net, fresh, x_train, y_train, cfg.task, cfg.task.steps)
-        inner_loop.accuracy(net, adapted, x_query, y_query, tau)
-
-    seconds = _times({"fresh": task}, tasks, 2)[0]["fresh"]
+    seconds = _times({"fresh": one_task(*paper_setting(torch.Generator().manual_seed(0)))}, tasks, 2)[0]["fresh"]
     faults, system = (list(v) for v in zip(*FAULTS["fresh"]))
     return {"kept": kept, "seconds": seconds, "minor_page_faults": faults, "system_cpu_seconds": system}
 

@@ -36,7 +36,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.cuda needs a GPU that PyTorch sees (torch.cuda.is_available() is False)")
     from metanas_ray import inner_loop
-    from metanas_ray.state import place
+    from metanas_ray.state import in_layout, place
 
     dev = torch.device("cuda")
     cfg, net, fresh, data = paper_setting(torch.Generator().manual_seed(0))
@@ -44,8 +44,7 @@ def main() -> None:
     annealed = {"weights": fresh["weights"],
                 "alphas": annealed_alphas(fresh["alphas"], len(cfg.model.ops), cfg.model.nodes)}
     nchw = {"fresh": (place(net, fresh, dev), 0.0), "annealed": (place(net, annealed, dev), 0.01)}
-    nhwc = {name: ({p: {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
-                        for k, v in d.items()} for p, d in st.items()}, thr) for name, (st, thr) in nchw.items()}
+    nhwc = {name: ({p: in_layout(d, True) for p, d in st.items()}, thr) for name, (st, thr) in nchw.items()}
     tau = inner_loop.Temperature.from_config(cfg.task).final
 
     def task(state, threshold: float, task_cfg) -> float:

@@ -74,12 +74,26 @@ def paper_setting(gen: torch.Generator):
     return cfg, net, init_state(cfg, net), (x_train, y_train, x_query, y_query)
 
 
-def reference_tasks(cfg, data, steps: int, tau_final) -> dict[str, Callable[[], None]]:
+def one_task(cfg, net: nn.Module, state, data) -> Callable[[], None]:
+    """One task of ``net`` from ``state`` on ``data`` (as :func:`paper_setting` gives them): ``inner_loop.adapt``
+    (``cfg.task.steps`` steps) plus ``inner_loop.accuracy`` on the query images at the final temperature."""
+    from metanas_ray import inner_loop
+    x_train, y_train, x_query, y_query = data
+    tau_final = inner_loop.Temperature.from_config(cfg.task).final
+
+    def task() -> None:
+        adapted, _ = inner_loop.adapt(net, state, x_train, y_train, cfg.task, cfg.task.steps)
+        inner_loop.accuracy(net, adapted, x_query, y_query, tau_final)
+
+    return task
+
+
+def reference_tasks(cfg, data) -> dict[str, Callable[[], None]]:
     """One fresh task of the per-edge reference supernet, as is and with NHWC activations (warmed up)."""
     from metanas_ray import inner_loop
     from metanas_ray.state import init_state
     R = _reference_module()
-    x_train, y_train, x_query, y_query = data
+    x_train, y_train = data[:2]
 
     class ReferenceNHWC(R.SearchNetwork):
         """The per-edge reference with NHWC activations (its stem's 1-channel input leaves them NCHW)."""
@@ -95,13 +109,8 @@ def reference_tasks(cfg, data, steps: int, tau_final) -> dict[str, Callable[[], 
         ref = cls(cfg.model, 1, cfg.data.n_way)
         ref.channels_last = cfg.model.channels_last
         ref_state = init_state(cfg, ref)  # NHWC weights, as init_state gives them
-
-        def ref_task(ref=ref, ref_state=ref_state):
-            adapted, _ = inner_loop.adapt(ref, ref_state, x_train, y_train, cfg.task, steps)
-            inner_loop.accuracy(ref, adapted, x_query, y_query, tau_final)
-
         inner_loop.adapt(ref, ref_state, x_train, y_train, cfg.task, 1)  # warm-up: one step
-        tasks[key] = ref_task
+        tasks[key] = one_task(cfg, ref, ref_state, data)
     return tasks
 
 
@@ -274,7 +283,7 @@ def main() -> None:
     # run slower than its first, whatever malloc does; benchmarks/allocator.py compares them in fresh processes.)
     reference = {}
     if args.reference_repeats > 0:
-        refs = reference_tasks(cfg, (x_train, y_train, x_query, y_query), steps, tau_final)
+        refs = reference_tasks(cfg, (x_train, y_train, x_query, y_query))
         reference = _times({"fresh_beside_reference": lambda: task(fresh, 0.0), **refs}, args.reference_repeats, 0)[0]
     kept = keep_freed_memory(keep_mb)  # as the meta-training workers do
 

@@ -45,7 +45,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.inner_loop import LOADS, _times, paper_setting
+from benchmarks.inner_loop import LOADS, _times, one_task, paper_setting
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "official.json"
@@ -168,15 +168,9 @@ def main() -> None:
     root = args.official_root.resolve()
     off = _import_official(root)
 
-    from metanas_ray import inner_loop
     gen = torch.Generator().manual_seed(0)
-    cfg, net, fresh, (x_train, y_train, x_query, y_query) = paper_setting(gen)
-    tau_final = inner_loop.Temperature.from_config(cfg.task).final
-
-    def ours() -> None:
-        adapted, _ = inner_loop.adapt(net, fresh, x_train, y_train, cfg.task, cfg.task.steps)
-        inner_loop.accuracy(net, adapted, x_query, y_query, tau_final)
-
+    cfg, net, fresh, data = paper_setting(gen)
+    ours = one_task(cfg, net, fresh, data)
     run, off_cfg, settings, off_weights = official_task(off, gen)
     times, _ = _times({"official_search": lambda: run(off_cfg.warm_up_epochs), "ours": ours,
                        "official_warmup": lambda: run(1)}, args.rounds, args.warmup)

@@ -32,10 +32,7 @@ def init_state(cfg: Config, net: nn.Module) -> State:
         for module in net.modules():
             if hasattr(module, "reset_parameters") and module is not net:
                 module.reset_parameters()
-        weights = {k: v.detach().clone() for k, v in net.named_parameters()}
-    if cfg.model.channels_last:  # NHWC convolution weights: oneDNN's fast path on the CPU (measured: >10×)
-        weights = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
-                   for k, v in weights.items()}
+        weights = in_layout({k: v.detach().clone() for k, v in net.named_parameters()}, cfg.model.channels_last)
     g = torch.Generator().manual_seed(cfg.run.seed + 1)
     alphas = init_alphas(cfg.model, g) if cfg.model.kind == "supernet" else {}
     return {"weights": weights, "alphas": alphas}
@@ -65,6 +62,14 @@ def clone(state: State, device: torch.device | str | None = None) -> State:
             for p, d in state.items()}
 
 
+def in_layout(tensors: dict[str, torch.Tensor], channels_last: bool) -> dict[str, torch.Tensor]:
+    """``tensors``, contiguous, their 4-D (convolution) weights NHWC when ``channels_last``: oneDNN's fast path on
+    the CPU (measured: >10×)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return {k: v.contiguous(memory_format=fmt if v.dim() == 4 else torch.contiguous_format)
+            for k, v in tensors.items()}
+
+
 def place(net: nn.Module, state: State, device: torch.device | str) -> State:
     """Move ``net`` to ``device``; return a copy of ``state`` there, its conv weights in the network's layout.
 
@@ -77,10 +82,9 @@ def place(net: nn.Module, state: State, device: torch.device | str) -> State:
     net.to(device)
     if device.type != "cpu":
         net.channels_last = False
-    fmt = torch.channels_last if getattr(net, "channels_last", False) else torch.contiguous_format
-    return {p: {k: v.detach().to(device, copy=True).contiguous(memory_format=fmt if v.dim() == 4
-                                                               else torch.contiguous_format)
-                for k, v in d.items()} for p, d in state.items()}
+    channels_last = getattr(net, "channels_last", False)
+    return {p: in_layout({k: v.detach().to(device, copy=True) for k, v in d.items()}, channels_last)
+            for p, d in state.items()}
 
 
 def count(state: State, part: str = "weights") -> int:
