@@ -87,6 +87,24 @@ def test_smoke_sweep_stops_bad_trials_writes_every_output_and_its_best_config_ru
         assert rerun["meta_test_accuracy_soft"] == pytest.approx(summary["meta_test_accuracy_soft"], abs=1e-6)
 
 
+def _assert_resumed_from_checkpoints(out, rows):
+    """Every trial's reports run 2, 4, 6 without a restart from the start. Tune logs a report before it registers
+    the report's checkpoint, so a stop in between makes the resumed trial redo that meta-validation interval:
+    the redone report must equal the first (same state, same task draws)."""
+    redone = []
+    for r in rows:
+        reports = [json.loads(line) for line in
+                   (out / "tune" / f"trial_{r['trial_id']}" / "result.json").read_text().splitlines()]
+        steps = [rep["step"] for rep in reports]
+        assert steps == sorted(steps) and sorted(set(steps)) == [2, 4, 6], steps
+        first: dict[int, dict] = {}
+        for rep in reports:
+            assert rep["val_accuracy"] == pytest.approx(first.setdefault(rep["step"], rep)["val_accuracy"],
+                                                        abs=1e-6), rep["step"]
+        redone += [s for s in set(steps) if steps.count(s) > 1]
+    return redone
+
+
 class _InterruptAfterFirstTrial(tune.Callback):
     """Sends the driver SIGUSR1 (Tune's graceful stop, as Ctrl+C) once a trial has ended, once: the restored
     experiment holds this callback too."""
@@ -98,6 +116,21 @@ class _InterruptAfterFirstTrial(tune.Callback):
         if not self.marker.exists():
             self.marker.touch()
             os.kill(os.getpid(), signal.SIGUSR1)
+
+
+class _InterruptAtAReport(_InterruptAfterFirstTrial):
+    """Sends SIGUSR1 as Tune logs a trial's report of ``step``: before Tune registers that report's checkpoint."""
+
+    def __init__(self, marker: Path, step: int):
+        super().__init__(marker)
+        self.step = step
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        pass
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("step") == self.step:
+            super().on_trial_complete(iteration, trials, trial)
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, tmp_path, capsys):
@@ -121,14 +154,28 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_sess
         assert (out / "tune" / f"trial_{tid}" / "result.json").read_text() == text
         row = next(r for r in rows if r["trial_id"] == tid)
         assert float(row["best_val_accuracy"]) == pytest.approx(finished[tid].best)
-    for r in rows:  # resumed trials continued from their checkpoint: one report per meta-validation, no repeats
-        steps = [json.loads(line)["step"] for line in
-                 (out / "tune" / f"trial_{r['trial_id']}" / "result.json").read_text().splitlines()]
-        assert steps == sorted(set(steps)) and steps[-1] == 6
+    _assert_resumed_from_checkpoints(out, rows)
+    for t in sweep_mod._records(s, sweep_mod._saved_results(s, out)):  # what trials.csv and the plots read
+        assert [int(h["step"]) for h in t.history] == [2, 4, 6]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trials"] == 2 and summary["trial_steps"] == 12
     assert main(["--output", str(out), "--resume", "--config", str(SWEEP_SMOKE)]) == 2  # another sweep file
     assert "differs" in capsys.readouterr().err
+
+
+def test_a_sweep_interrupted_at_a_report_redoes_one_interval_with_the_same_result(ray_session, tmp_path, capsys):
+    sweep_file = _sweep_file(tmp_path, search={"task.lr_w": {"grid": [3.0]}}, scheduler={"name": "fifo"})
+    out = tmp_path / "sweep"
+    s = sweep_mod.prepare(sweep_file, out, resume=False)
+    assert run_sweep(s, out, callbacks=[_InterruptAtAReport(tmp_path / "interrupted", step=4)]).interrupted
+    capsys.readouterr()
+    assert main(["--output", str(out), "--resume", "--verbose", "0"]) == 0
+    rows = _rows(out)
+    assert [(r["status"], r["meta_steps"]) for r in rows] == [("TERMINATED", "6")]
+    assert _assert_resumed_from_checkpoints(out, rows) == [4]  # resumed from step 2's checkpoint
+    for t in sweep_mod._records(s, sweep_mod._saved_results(s, out)):
+        assert [int(h["step"]) for h in t.history] == [2, 4, 6]
+    assert json.loads((out / "summary.json").read_text())["trial_steps"] == 6
 
 
 class _CrashAfterFirstTrial(tune.Callback):
