@@ -30,14 +30,14 @@ def child(keep_mb: int, tasks: int, threads: int) -> dict:
     """Time ``tasks`` fresh tasks in this process (after 2 warm-up tasks)."""
     import torch
 
-    from benchmarks.inner_loop import FAULTS, _times, one_task, paper_setting
+    from benchmarks.inner_loop import _times, one_task, paper_setting
     from metanas_ray.memory import keep_freed_memory
 
     kept = keep_freed_memory(keep_mb)
     torch.set_num_threads(threads)
-    seconds = _times({"fresh": one_task(*paper_setting(torch.Generator().manual_seed(0)))}, tasks, 2)[0]["fresh"]
-    faults, system = (list(v) for v in zip(*FAULTS["fresh"]))
-    return {"kept": kept, "seconds": seconds, "minor_page_faults": faults, "system_cpu_seconds": system}
+    t = _times({"fresh": one_task(*paper_setting(torch.Generator().manual_seed(0)))}, tasks, 2)
+    return {"kept": kept, "seconds": t.wall["fresh"], "minor_page_faults": t.faults["fresh"],
+            "system_cpu_seconds": t.system["fresh"]}
 
 
 def main() -> None:

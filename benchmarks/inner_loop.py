@@ -42,7 +42,7 @@ import resource
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +50,6 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "inner_loop.json"
-LOADS: list[float] = []  # 1-minute load average before each timed round
-FAULTS: dict[str, list[tuple[int, float]]] = {}  # per timed call: (minor page faults, system CPU seconds)
 
 
 def _reference_module():
@@ -188,25 +186,32 @@ def annealed_alphas(alphas: dict[str, torch.Tensor], n_ops: int, nodes: int, see
     return out
 
 
-def _times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int
-           ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall and CPU (this process, all threads) seconds of each function, run alternately so that all see the
-    same background load. Also fills FAULTS: minor page faults and system CPU seconds per call."""
+class Timings(NamedTuple):
+    """Per function, one entry per timed call; ``loads``: the 1-minute load average before each round."""
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]  # this process, all threads
+    faults: dict[str, list[int]]  # minor page faults
+    system: dict[str, list[float]]  # system CPU seconds
+    loads: list[float]
+
+
+def _times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> Timings:
+    """Each function's timings, the functions run alternately so that all see the same background load."""
     for _ in range(warmup):
         for f in fns.values():
             f()
-    wall: dict[str, list[float]] = {k: [] for k in fns}
-    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    t = Timings(*({k: [] for k in fns} for _ in range(4)), loads=[])
     for _ in range(repeats):
-        LOADS.append(os.getloadavg()[0])
+        t.loads.append(os.getloadavg()[0])
         for k, f in fns.items():
             r0, t0, c0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), time.process_time()
             f()
-            wall[k].append(time.perf_counter() - t0)
-            cpu[k].append(time.process_time() - c0)
+            t.wall[k].append(time.perf_counter() - t0)
+            t.cpu[k].append(time.process_time() - c0)
             r1 = resource.getrusage(resource.RUSAGE_SELF)
-            FAULTS.setdefault(k, []).append((r1.ru_minflt - r0.ru_minflt, r1.ru_stime - r0.ru_stime))
-    return wall, cpu
+            t.faults[k].append(r1.ru_minflt - r0.ru_minflt)
+            t.system[k].append(r1.ru_stime - r0.ru_stime)
+    return t
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -281,16 +286,17 @@ def main() -> None:
     # The per-edge reference beside fresh tasks (their ratio does not drift with the machine's speed), both under
     # glibc's default malloc, as the official code runs. (Not a comparison of mallocs: later rounds of one process
     # run slower than its first, whatever malloc does; benchmarks/allocator.py compares them in fresh processes.)
-    reference = {}
+    reference = None
     if args.reference_repeats > 0:
         refs = reference_tasks(cfg, (x_train, y_train, x_query, y_query))
-        reference = _times({"fresh_beside_reference": lambda: task(fresh, 0.0), **refs}, args.reference_repeats, 0)[0]
+        reference = _times({"fresh_beside_reference": lambda: task(fresh, 0.0), **refs}, args.reference_repeats, 0)
     kept = keep_freed_memory(keep_mb)  # as the meta-training workers do
 
-    times, cpu_times = _times({
+    timings = _times({
         "fresh": lambda: task(fresh, 0.0), "fresh_module": lambda: task_module(fresh, 0.0),
         "annealed": lambda: task(annealed, 0.01), "annealed_module": lambda: task_module(annealed, 0.01),
     }, args.repeats, args.warmup)
+    times, cpu_times = timings.wall, timings.cpu
     med = {k: statistics.median(v) for k, v in times.items()}
 
     flops, flops_default = {}, {}
@@ -305,9 +311,9 @@ def main() -> None:
     # not depthwise-separable, factorised 5×5) takes: the task's FLOPs without that operation.
     tiny_x, tiny_y = torch.rand(2, 1, 4, 4, generator=gen), torch.arange(2)
     tiny = _times({"tiny": lambda: task(fresh, 0.0, data=(tiny_x, tiny_y, tiny_x, tiny_y))},
-                  args.repeats, 1)[0]["tiny"]
+                  args.repeats, 1).wall["tiny"]
     torch.set_num_threads(1)
-    one_thread = _times({"fresh": lambda: task(fresh, 0.0)}, max(1, args.repeats // 2), 1)[0]["fresh"]
+    one_thread = _times({"fresh": lambda: task(fresh, 0.0)}, max(1, args.repeats // 2), 1).wall["fresh"]
     torch.set_num_threads(args.threads)
     no_fac_cfg = cfg.override({"model.ops": [o for o in cfg.model.ops if o != "conv_1x5_5x1"]})
     no_fac_net = build_network(no_fac_cfg, 1)
@@ -343,19 +349,21 @@ def main() -> None:
         "cpu_seconds_all": cpu_times,  # process CPU time: ≈ threads × wall on an idle machine
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
         "keep_freed_memory_mb": keep_mb if kept else 0,
-        "minor_page_faults_per_task": statistics.median(f for f, _ in FAULTS["fresh"]),
-        "system_cpu_seconds_per_task": statistics.median(t for _, t in FAULTS["fresh"]),
-        "load_average_start": load_start, "load_average_end": os.getloadavg(), "load_average_per_round": LOADS,
+        "minor_page_faults_per_task": statistics.median(timings.faults["fresh"]),
+        "system_cpu_seconds_per_task": statistics.median(timings.system["fresh"]),
+        "load_average_start": load_start, "load_average_end": os.getloadavg(),
+        "load_average_per_round": timings.loads,
         "cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
     }
     if reference:
-        m = {k: statistics.median(v) for k, v in reference.items()}
+        m = {k: statistics.median(v) for k, v in reference.wall.items()}
         out["seconds_per_task_beside_reference"] = m["fresh_beside_reference"]
         out["seconds_per_task_reference"] = m["reference"]
         out["seconds_per_task_reference_nhwc"] = m["reference_nhwc"]
         out["speedup_vs_reference"] = m["reference"] / m["fresh_beside_reference"]
         out["speedup_vs_reference_nhwc"] = m["reference_nhwc"] / m["fresh_beside_reference"]
-        out["reference_seconds_all"] = reference
+        out["reference_seconds_all"] = reference.wall
+        out["reference_load_average_per_round"] = reference.loads
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
