@@ -58,8 +58,8 @@ def unflatten(vector: torch.Tensor, like: State) -> State:
 
 
 def clone(state: State, device: torch.device | str | None = None) -> State:
-    return {p: {k: v.detach().to(device).clone() if device else v.detach().clone() for k, v in d.items()}
-            for p, d in state.items()}
+    """A detached copy of ``state`` on ``device`` (default: each tensor's own), one copy per tensor."""
+    return {p: {k: v.detach().to(device or v.device, copy=True) for k, v in d.items()} for p, d in state.items()}
 
 
 def in_layout(tensors: dict[str, torch.Tensor], channels_last: bool) -> dict[str, torch.Tensor]:
@@ -83,8 +83,7 @@ def place(net: nn.Module, state: State, device: torch.device | str) -> State:
     if device.type != "cpu":
         net.channels_last = False
     channels_last = getattr(net, "channels_last", False)
-    return {p: in_layout({k: v.detach().to(device, copy=True) for k, v in d.items()}, channels_last)
-            for p, d in state.items()}
+    return {p: in_layout(d, channels_last) for p, d in clone(state, device).items()}
 
 
 def count(state: State, part: str = "weights") -> int:
