@@ -87,10 +87,11 @@ def test_smoke_sweep_stops_bad_trials_writes_every_output_and_its_best_config_ru
         assert rerun["meta_test_accuracy_soft"] == pytest.approx(summary["meta_test_accuracy_soft"], abs=1e-6)
 
 
-def _assert_resumed_from_checkpoints(out, rows):
+def _assert_resumed_from_checkpoints(sweep, out, rows):
     """Every trial's reports run 2, 4, 6 without a restart from the start. Tune logs a report before it registers
     the report's checkpoint, so a stop in between makes the resumed trial redo that meta-validation interval:
-    the redone report must equal the first (same state, same task draws)."""
+    the redone report must equal the first (same state, same task draws), and the histories that trials.csv and
+    the plots read hold it once. Returns the redone steps."""
     redone = []
     for r in rows:
         reports = [json.loads(line) for line in
@@ -101,36 +102,32 @@ def _assert_resumed_from_checkpoints(out, rows):
         for rep in reports:
             assert rep["val_accuracy"] == pytest.approx(first.setdefault(rep["step"], rep)["val_accuracy"],
                                                         abs=1e-6), rep["step"]
-        redone += [s for s in set(steps) if steps.count(s) > 1]
+        redone += [step for step in set(steps) if steps.count(step) > 1]
+    for t in sweep_mod._records(sweep, sweep_mod._saved_results(sweep, out)):
+        assert [int(h["step"]) for h in t.history] == [2, 4, 6]
     return redone
 
 
-class _InterruptAfterFirstTrial(tune.Callback):
-    """Sends the driver SIGUSR1 (Tune's graceful stop, as Ctrl+C) once a trial has ended, once: the restored
-    experiment holds this callback too."""
+class _Interrupt(tune.Callback):
+    """Sends the driver SIGUSR1 (Tune's graceful stop, as Ctrl+C), once (the restored experiment holds this
+    callback too): when a trial has ended, or with ``at_step`` as Tune logs a report of that step (before Tune
+    registers the report's checkpoint)."""
 
-    def __init__(self, marker: Path):
-        self.marker = marker
+    def __init__(self, marker: Path, at_step: int | None = None):
+        self.marker, self.at_step = marker, at_step
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
+    def _stop_once(self) -> None:
         if not self.marker.exists():
             self.marker.touch()
             os.kill(os.getpid(), signal.SIGUSR1)
 
-
-class _InterruptAtAReport(_InterruptAfterFirstTrial):
-    """Sends SIGUSR1 as Tune logs a trial's report of ``step``: before Tune registers that report's checkpoint."""
-
-    def __init__(self, marker: Path, step: int):
-        super().__init__(marker)
-        self.step = step
-
     def on_trial_complete(self, iteration, trials, trial, **info):
-        pass
+        if self.at_step is None:
+            self._stop_once()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result.get("step") == self.step:
-            super().on_trial_complete(iteration, trials, trial)
+        if self.at_step is not None and result.get("step") == self.at_step:
+            self._stop_once()
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, tmp_path, capsys):
@@ -139,7 +136,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_sess
                              scheduler={"name": "fifo"})
     out = tmp_path / "sweep"
     s = sweep_mod.prepare(sweep_file, out, resume=False)
-    first = run_sweep(s, out, callbacks=[_InterruptAfterFirstTrial(tmp_path / "interrupted")])
+    first = run_sweep(s, out, callbacks=[_Interrupt(tmp_path / "interrupted")])
     assert first.interrupted and not (out / "summary.json").exists()
     finished = {t.trial_id: t for t in first.trials if t.status == "TERMINATED"}
     assert len(finished) == 1, [(t.trial_id, t.status) for t in first.trials]
@@ -154,9 +151,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_sess
         assert (out / "tune" / f"trial_{tid}" / "result.json").read_text() == text
         row = next(r for r in rows if r["trial_id"] == tid)
         assert float(row["best_val_accuracy"]) == pytest.approx(finished[tid].best)
-    _assert_resumed_from_checkpoints(out, rows)
-    for t in sweep_mod._records(s, sweep_mod._saved_results(s, out)):  # what trials.csv and the plots read
-        assert [int(h["step"]) for h in t.history] == [2, 4, 6]
+    _assert_resumed_from_checkpoints(s, out, rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trials"] == 2 and summary["trial_steps"] == 12
     assert main(["--output", str(out), "--resume", "--config", str(SWEEP_SMOKE)]) == 2  # another sweep file
@@ -167,14 +162,12 @@ def test_a_sweep_interrupted_at_a_report_redoes_one_interval_with_the_same_resul
     sweep_file = _sweep_file(tmp_path, search={"task.lr_w": {"grid": [3.0]}}, scheduler={"name": "fifo"})
     out = tmp_path / "sweep"
     s = sweep_mod.prepare(sweep_file, out, resume=False)
-    assert run_sweep(s, out, callbacks=[_InterruptAtAReport(tmp_path / "interrupted", step=4)]).interrupted
+    assert run_sweep(s, out, callbacks=[_Interrupt(tmp_path / "interrupted", at_step=4)]).interrupted
     capsys.readouterr()
     assert main(["--output", str(out), "--resume", "--verbose", "0"]) == 0
     rows = _rows(out)
     assert [(r["status"], r["meta_steps"]) for r in rows] == [("TERMINATED", "6")]
-    assert _assert_resumed_from_checkpoints(out, rows) == [4]  # resumed from step 2's checkpoint
-    for t in sweep_mod._records(s, sweep_mod._saved_results(s, out)):
-        assert [int(h["step"]) for h in t.history] == [2, 4, 6]
+    assert _assert_resumed_from_checkpoints(s, out, rows) == [4]  # resumed from step 2's checkpoint
     assert json.loads((out / "summary.json").read_text())["trial_steps"] == 6
 
 
