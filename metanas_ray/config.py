@@ -32,6 +32,7 @@ class DataConfig:
     train_shots: int = 0  # k of the meta-training tasks (0: k_shot); MetaNAS and REPTILE meta-train on more shots
     n_query: int = 5  # q query images per class (the task's D_test)
     image_size: int = 28  # images are resized once to image_size × image_size
+    split: str = "alphabets"  # omniglot only: alphabets (ours, by whole alphabets) | vinyals (1028/172/423 characters)
     synthetic_classes: int = 40  # synthetic only: classes per split (train/val/test)
     synthetic_per_class: int = 12  # synthetic only: images per class
 
@@ -50,7 +51,9 @@ class ModelConfig:
         "conv_3x3", "sep_conv_3x3", "dil_conv_3x3",
     )
     conv4_channels: int = 64  # conv4 only: filters per layer
-    prune_threshold: float = 0.0  # mixture weights below this are skipped in the forward pass (soft-pruning)
+    input_weights: str = "per_input"  # per_input: β weighs each input of a node | pairwise: each pair (official)
+    prune_threshold: float = 0.0  # soft-pruning: terms at or below this weight are skipped in the forward pass
+    prune_rule: str = "product"  # product: on softmax(β)·softmax(α) | separate: on each factor alone (official)
     channels_last: bool = True  # NHWC memory format for the convolutions (faster on CPU)
 
 
@@ -60,7 +63,9 @@ class TaskLearnerConfig:
 
     steps: int = 5  # k, inner steps during meta-training
     optimizer: str = "sgd"  # sgd (the paper's equation) | adam (β1 = 0, as the official code and REPTILE)
-    batch_size: int = 0  # images per inner step, cycling through D_train (0: all of D_train every step)
+    adam_moments: str = "reset"  # adam only: reset (zero for every task) | kept (carried over tasks, official)
+    batch_size: int = 0  # images per inner step (0: all of D_train every step)
+    batch_sampling: str = "cycle"  # cycle: class-balanced through D_train | random: drawn with replacement (official)
     lr_w: float = 0.1  # λ_task, SGD learning rate of the weights w
     lr_alpha: float = 0.1  # ξ_task, SGD learning rate of α and β
     tau_alpha_start: float = 1.0  # τ_α at the first inner step
@@ -68,7 +73,10 @@ class TaskLearnerConfig:
     tau_beta_start: float = 1.0  # τ_β at the first inner step
     tau_beta_end: float = 0.1  # τ_β at the last inner step
     tau_schedule: str = "exponential"  # exponential | linear | constant (stays at the start values)
+    warmup_tau: str = "anneal"  # during meta.warmup_steps: anneal τ as after it | hold it at the start (official)
     grad_clip: float = 5.0  # clip the norm of each inner gradient (0: off)
+    alpha_weight_decay: float = 0.0  # L2 term on α, β added to their gradient (official: 1e-3)
+    drop_path: float = 0.0  # drop-path probability of each operation in meta-training tasks (official: 0.2)
     bf16: bool = False  # autocast the task-learner's forward/backward to bfloat16 (w, α and updates stay float32)
 
 
@@ -83,6 +91,8 @@ class MetaConfig:
     lr_alpha: float = 0.6  # meta learning rate of α, β
     anneal: str = "linear"  # linear | constant: meta learning rates decay linearly to 0 over the run
     warmup_steps: int = 0  # meta-steps during which only w is meta-learned (α, β stay fixed)
+    prune_every: int = 0  # every this many meta-steps, α_meta logits whose softmax(α/τ_end) < prune_threshold
+    prune_threshold: float = 0.01  # are set to -1e9, so those operations are never run again (official; 0: never)
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,11 @@ class EvalConfig:
     val_tasks: int = 20  # tasks per meta-validation
     test_tasks: int = 200  # tasks for the final meta-test
     steps: int = 10  # inner steps when adapting to a meta-val / meta-test task
+    arch_steps: int = -1  # of those, the first arch_steps adapt α, β and anneal τ; then w alone (-1: all)
+    batch_size: int = 0  # images per adaptation step, sampled as task.batch_sampling (0: task.batch_size)
+    tau_end: float = 0.0  # final τ_α and τ_β when adapting (0: task.tau_alpha_end / task.tau_beta_end)
+    prune_threshold: float = -1.0  # soft-pruning threshold at meta-test (-1: model.prune_threshold)
+    warmup_arch: str = "adapt"  # meta-validation during meta.warmup_steps: adapt α | keep it frozen (official)
 
 
 @dataclass(frozen=True)
@@ -314,9 +329,14 @@ def validate(cfg: Config) -> None:
     need(d.train_shots >= 0, "data.train_shots", f"must be >= 0 (0: data.k_shot), got {d.train_shots}")
     need(d.n_query >= 1, "data.n_query", f"must be at least 1, got {d.n_query}")
     need(8 <= d.image_size <= 512, "data.image_size", f"must be in 8..512, got {d.image_size}")
+    need(d.split in ("alphabets", "vinyals"), "data.split", f"must be 'alphabets' or 'vinyals', got '{d.split}'")
+    need(d.split == "alphabets" or d.dataset == "omniglot", "data.split",
+         f"'{d.split}' is an Omniglot split; data.dataset is '{d.dataset}'")
     need(d.synthetic_classes >= 2, "data.synthetic_classes", "must be at least 2")
     need(d.synthetic_per_class >= 2, "data.synthetic_per_class", "must be at least 2")
     need(m.kind in ("supernet", "conv4"), "model.kind", f"must be 'supernet' or 'conv4', got '{m.kind}'")
+    need(m.kind != "conv4" or d.image_size >= 16, "data.image_size",
+         f"must be at least 16 for model.kind: conv4 (its 4 max-pools halve {d.image_size} pixels to nothing)")
     need(m.init_channels >= 1, "model.init_channels", "must be positive")
     need(m.layers >= 1, "model.layers", "must be positive")
     need(m.nodes >= 1, "model.nodes", "must be positive")
@@ -329,6 +349,32 @@ def validate(cfg: Config) -> None:
     need(m.stem_multiplier >= 1, "model.stem_multiplier", "must be positive")
     need(m.conv4_channels >= 1, "model.conv4_channels", "must be positive")
     need(0.0 <= m.prune_threshold < 1.0, "model.prune_threshold", "must be in [0, 1)")
+    need(m.input_weights in ("per_input", "pairwise"), "model.input_weights",
+         f"must be 'per_input' or 'pairwise', got '{m.input_weights}'")
+    need(m.prune_rule in ("product", "separate"), "model.prune_rule",
+         f"must be 'product' or 'separate', got '{m.prune_rule}'")
+    need(t.adam_moments in ("reset", "kept"), "task.adam_moments", f"must be 'reset' or 'kept', got '{t.adam_moments}'")
+    need(t.adam_moments == "reset" or t.optimizer == "adam", "task.adam_moments",
+         f"'kept' needs task.optimizer: adam (got '{t.optimizer}')")
+    need(t.batch_sampling in ("cycle", "random"), "task.batch_sampling",
+         f"must be 'cycle' or 'random', got '{t.batch_sampling}'")
+    need(t.warmup_tau in ("anneal", "hold"), "task.warmup_tau", f"must be 'anneal' or 'hold', got '{t.warmup_tau}'")
+    need(math.isfinite(t.alpha_weight_decay) and t.alpha_weight_decay >= 0, "task.alpha_weight_decay",
+         f"must be a finite number >= 0, got {t.alpha_weight_decay}")
+    need(0.0 <= t.drop_path < 1.0, "task.drop_path", f"must be in [0, 1), got {t.drop_path}")
+    need(me.prune_every >= 0, "meta.prune_every", f"must be >= 0 (0: never), got {me.prune_every}")
+    need(0.0 <= me.prune_threshold < 1.0, "meta.prune_threshold", f"must be in [0, 1), got {me.prune_threshold}")
+    need(e.arch_steps == -1 or 0 <= e.arch_steps <= e.steps, "eval.arch_steps",
+         f"must be -1 (all) or in 0..eval.steps ({e.steps}), got {e.arch_steps}")
+    need(e.batch_size >= 0, "eval.batch_size", f"must be >= 0 (0: all of D_train), got {e.batch_size}")
+    need(math.isfinite(e.tau_end) and e.tau_end >= 0, "eval.tau_end",
+         f"must be 0 (task.tau_*_end) or a positive number, got {e.tau_end}")
+    need(e.tau_end <= min(t.tau_alpha_start, t.tau_beta_start), "eval.tau_end",
+         f"must not exceed task.tau_alpha_start / task.tau_beta_start, got {e.tau_end}")
+    need(e.prune_threshold == -1 or 0.0 <= e.prune_threshold < 1.0, "eval.prune_threshold",
+         f"must be -1 (model.prune_threshold) or in [0, 1), got {e.prune_threshold}")
+    need(e.warmup_arch in ("adapt", "frozen"), "eval.warmup_arch",
+         f"must be 'adapt' or 'frozen', got '{e.warmup_arch}'")
     need(t.steps >= 1, "task.steps", f"must be at least 1, got {t.steps}")
     for key, v in (("task.lr_w", t.lr_w), ("task.lr_alpha", t.lr_alpha), ("meta.lr_w", me.lr_w),
                    ("meta.lr_alpha", me.lr_alpha), ("task.grad_clip", t.grad_clip)):

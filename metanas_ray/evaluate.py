@@ -1,6 +1,7 @@
 """Meta-testing (the paper's Algorithm 3) and meta-validation; ``python -m metanas_ray.evaluate RUN_DIR``.
 
-For each task: adapt w and α on D_train with the task-learner (``eval.steps`` steps), then measure accuracy
+For each task: adapt w and α on D_train with the task-learner (``eval.steps`` steps, α and τ during the first
+``eval.arch_steps``, soft-pruned at ``eval.prune_threshold``, as the official meta-test), then measure accuracy
 on D_test twice: soft-pruned (the supernet at the final, lowest temperature) and hard-pruned (only the
 derived genotype's operations and inputs). Reports mean accuracy and its 95% confidence interval
 (1.96 · sample std / √n) over the tasks. Tasks are spread over workers; the sums meet in one all-reduce.
@@ -24,7 +25,7 @@ from torch import nn
 from .comm import LocalComm, my_share
 from .config import Config
 from .data import TaskSampler
-from .inner_loop import Temperature, accuracy, adapt
+from .inner_loop import Moments, Temperature, accuracy, adapt, eval_task_config
 from .state import State, place
 
 log = logging.getLogger(__name__)
@@ -37,25 +38,48 @@ def _mean_ci(total: float, total_sq: float, n: int) -> tuple[float, float]:
 
 
 def meta_test(net: nn.Module, state: State, sampler: TaskSampler, n_tasks: int, cfg: Config,
-              comm=None, device: str | torch.device = "cpu", hard: bool = True) -> dict[str, float]:
-    """Algorithm 3 on tasks ``sampler.sample(0, i)``, i < n_tasks: soft (and hard) accuracy with 95% CIs."""
+              comm=None, device: str | torch.device = "cpu", hard: bool = True, *,
+              moments: Moments | None = None, learn_arch: bool = True, hold_tau: bool = False,
+              threshold: float | None = None) -> dict[str, float]:
+    """Algorithm 3 on tasks ``sampler.sample(0, i)``, i < n_tasks: soft (and hard) accuracy with 95% CIs.
+
+    Each task adapts ``eval.steps`` steps (α and τ in the first ``eval.arch_steps``; none with ``learn_arch=False``,
+    τ held with ``hold_tau``) with :func:`~.inner_loop.eval_task_config`, from the meta-learned Adam ``moments``
+    when there are any (every task from the same ones), soft-pruned at ``threshold`` (None: the network's)."""
     comm = comm or LocalComm()
-    tau = Temperature.from_config(cfg.task).final
+    task_cfg = eval_task_config(cfg)
+    arch_steps = None if cfg.eval.arch_steps < 0 else cfg.eval.arch_steps
+    _, tau = Temperature.from_config(task_cfg).schedule_for(cfg.eval.steps, arch_steps if learn_arch else None,
+                                                           hold_tau)
     hard = hard and bool(state["alphas"])
     sums = torch.zeros(5, dtype=torch.float64)
-    for i in my_share(n_tasks, comm):
-        task = sampler.sample(0, i).to(device)
-        adapted, _ = adapt(net, state, task.x_train, task.y_train, cfg.task, cfg.eval.steps)
-        soft, _ = accuracy(net, adapted, task.x_query, task.y_query, tau, bf16=cfg.task.bf16)
-        pruned = (accuracy(net, adapted, task.x_query, task.y_query, tau, hard=True, bf16=cfg.task.bf16)[0]
-                  if hard else soft)
-        sums += torch.tensor([1.0, soft, soft * soft, pruned, pruned * pruned], dtype=torch.float64)
+    saved = getattr(net, "threshold", None)
+    if threshold is not None and saved is not None:
+        net.threshold = threshold
+    try:
+        for i in my_share(n_tasks, comm):
+            task = sampler.sample(0, i).to(device)
+            adapted, _ = adapt(net, state, task.x_train, task.y_train, task_cfg, cfg.eval.steps, learn_arch,
+                               arch_steps=arch_steps, hold_tau=hold_tau, generator=task.generator(),
+                               moments=None if moments is None else moments.copy())
+            soft, _ = accuracy(net, adapted, task.x_query, task.y_query, tau, bf16=cfg.task.bf16)
+            pruned = (accuracy(net, adapted, task.x_query, task.y_query, tau, hard=True, bf16=cfg.task.bf16)[0]
+                      if hard else soft)
+            sums += torch.tensor([1.0, soft, soft * soft, pruned, pruned * pruned], dtype=torch.float64)
+    finally:
+        if saved is not None:
+            net.threshold = saved
     sums = comm.all_reduce_sum(sums.to(device)).cpu()
     n = int(sums[0])
     soft_mean, soft_ci = _mean_ci(float(sums[1]), float(sums[2]), n)
     hard_mean, hard_ci = _mean_ci(float(sums[3]), float(sums[4]), n)
     return {"accuracy_soft": soft_mean, "ci95_soft": soft_ci, "accuracy_hard": hard_mean, "ci95_hard": hard_ci,
             "tasks": n}
+
+
+def meta_test_threshold(cfg: Config) -> float:
+    """The soft-pruning threshold of the final meta-test: ``eval.prune_threshold``, or ``model.prune_threshold``."""
+    return cfg.model.prune_threshold if cfg.eval.prune_threshold < 0 else cfg.eval.prune_threshold
 
 
 def _device(name: str) -> torch.device:
@@ -108,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory(cfg.run.keep_freed_memory_mb)
         n = args.tasks or (cfg.eval.test_tasks if args.split == "test" else cfg.eval.val_tasks)
         t0 = time.perf_counter()
-        result = meta_test(net, place(net, payload["state"], device), sampler, n, cfg, device=device)
+        moments = payload.get("task_optimizer")
+        moments = Moments.from_state_dict(moments, device) if moments is not None else None
+        result = meta_test(net, place(net, payload["state"], device), sampler, n, cfg, device=device,
+                           moments=moments, threshold=meta_test_threshold(cfg) if args.split == "test" else None)
     except (RunDirError, checkpoint.CheckpointError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

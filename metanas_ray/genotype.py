@@ -1,7 +1,8 @@
 """The discrete architecture derived from (α, β): a DARTS-style genotype, its JSON form and hard pruning.
 
-Each intermediate node j keeps its ``k`` strongest inputs i, ranked by softmax(β_j)_i · max_o softmax(α_ji)_o,
-and on each kept edge the single strongest operation. A genotype is, per cell type, a list of nodes, each a
+Each intermediate node j keeps its ``k`` strongest inputs i, ranked by softmax(β_j)_i · max_o softmax(α_ji)_o, or,
+with pairwise input weights (``beta_pair_t``), the two inputs of its strongest pair (as the official code), and on
+each kept edge the single strongest operation. A genotype is, per cell type, a list of nodes, each a
 list of ``(operation, input)`` pairs (inputs 0, 1 are the cell inputs, 2 + m is node m), as in DARTS.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .search_space import edges, mixture
+from .search_space import edges, mixture, node_sizes, pairs
 
 Cell = list[list[tuple[str, int]]]
 
@@ -44,7 +45,7 @@ class Genotype:
 
 
 def derive(alphas: dict[str, torch.Tensor], ops: tuple[str, ...], nodes: int, k: int = 2) -> Genotype:
-    """The genotype of architecture tensors ``alpha_t`` ``[E, O]`` and ``beta_t`` ``[E]``."""
+    """The genotype of architecture tensors ``alpha_t`` ``[E, O]`` and ``beta_t`` ``[E]`` (or ``beta_pair_t`` ``[P]``)."""
     cells: dict[str, Cell] = {}
     with torch.no_grad():
         for key in alphas:
@@ -55,10 +56,16 @@ def derive(alphas: dict[str, torch.Tensor], ops: tuple[str, ...], nodes: int, k:
             strength, best = op_w.max(dim=-1)
             cell: Cell = []
             start = 0
+            pair_logits = alphas.get(f"beta_pair_{t}")
+            pair_groups = pair_logits.split(node_sizes(nodes, True)) if pair_logits is not None else None
+            node_pairs = [[(a, b) for (jj, a, b) in pairs(nodes) if jj == j] for j in range(nodes)]
             for j in range(nodes):
                 n_in = j + 2
-                score = torch.softmax(alphas[f"beta_{t}"][start:start + n_in], dim=0) * strength[start:start + n_in]
-                keep = sorted(score.topk(min(k, n_in)).indices.tolist())
+                if pair_groups is not None:
+                    keep = list(node_pairs[j][int(pair_groups[j].argmax())])
+                else:
+                    score = torch.softmax(alphas[f"beta_{t}"][start:start + n_in], dim=0) * strength[start:start + n_in]
+                    keep = sorted(score.topk(min(k, n_in)).indices.tolist())
                 cell.append([(ops[int(best[start + i])], i) for i in keep])
                 start += n_in
             cells[t] = cell
@@ -67,7 +74,10 @@ def derive(alphas: dict[str, torch.Tensor], ops: tuple[str, ...], nodes: int, k:
 
 def hard_mixture(alphas: dict[str, torch.Tensor], ops: tuple[str, ...], nodes: int,
                  tau: tuple[float, float]) -> dict[str, torch.Tensor]:
-    """Hard pruning: the soft mixture at ``tau`` with every (edge, operation) outside the genotype set to 0."""
+    """Hard pruning: the soft mixture at ``tau`` with every (edge, operation) outside the genotype set to 0.
+
+    With pairwise input weights each kept input weighs its pair's softmax(β/τ_β) alone (the other pairs are
+    gone), as the official sparsified forward pass computes it."""
     genotype = derive(alphas, ops, nodes)
     soft = mixture(alphas, tau[0], tau[1], nodes)
     index = {e: n for n, e in enumerate(edges(nodes))}
@@ -77,5 +87,11 @@ def hard_mixture(alphas: dict[str, torch.Tensor], ops: tuple[str, ...], nodes: i
         for j, node in enumerate(cell):
             for op, i in node:
                 mask[index[(j, i)], ops.index(op)] = 1.0
-        out[t] = (soft[t] * mask).detach()
+        if f"beta_pair_{t}" in alphas:
+            pi = [torch.softmax(g / tau[1], dim=0).max() for g in alphas[f"beta_pair_{t}"].split(node_sizes(nodes, True))]
+            node_of = torch.tensor([j for j, _ in edges(nodes)])
+            op_w = torch.softmax(alphas[f"alpha_{t}"] / tau[0], dim=-1)
+            out[t] = (torch.stack(pi)[node_of][:, None] * op_w * mask).detach()
+        else:
+            out[t] = (soft[t] * mask).detach()
     return out

@@ -214,13 +214,14 @@ class EdgeOps(nn.Module):
             return w.narrow(0, sel[0] * r, len(sel) * r)
         return torch.cat([w.narrow(0, e * r, r) for e in sel])
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor,
-                active: list[list[bool]]) -> list[list[tuple[torch.Tensor, torch.Tensor | None]]]:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, active: list[list[bool]],
+                drop: torch.Tensor | None = None) -> list[list[tuple[torch.Tensor, torch.Tensor | None]]]:
         """The terms of the edges leaving ``x``.
 
-        ``weights`` ``[m, O]``: these edges' mixture weights; ``active[e][o]``: whether term (e, o) is computed.
+        ``weights`` ``[m, O]``: these edges' mixture weights; ``active[e][o]``: whether term (e, o) is computed;
+        ``drop`` ``[B, m, O]``: per-image drop-path multipliers of every term but the identity (None: none).
         Returns per edge a list of ``(out, scale)``: the edge's output is Σ scale·out (``scale`` None: already
-        scaled). "none" contributes no term."""
+        scaled; a ``[B, 1, 1, 1]`` scale with drop-path). "none" contributes no term."""
         c, s, m = self.c, self.stride, self.m
         terms: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = [[] for _ in range(m)]
         cache: dict[str, torch.Tensor] = {}
@@ -256,8 +257,10 @@ class EdgeOps(nn.Module):
                     out = _bn(F.max_pool2d(x, 3, s, 1))
                 else:
                     out = _bn(F.avg_pool2d(x, 3, s, 1, count_include_pad=False))
+                identity = name == "skip_connect"
                 for e in sel:
-                    terms[e].append((out, weights[e, o]))
+                    w = weights[e, o] if drop is None or identity else weights[e, o] * drop[:, e, o, None, None, None]
+                    terms[e].append((out, w))
                 continue
             n = len(sel)
             if name == "conv_1x5_5x1":
@@ -281,7 +284,10 @@ class EdgeOps(nn.Module):
                 y = torch.cat([a.unflatten(1, (n, c // 2)), b.unflatten(1, (n, c - c // 2))], dim=2)
                 y = y.flatten(1, 2).contiguous(memory_format=_memory_format(r))
             scale = (weights[:, o] if n == m else weights[sel, o]).repeat_interleave(c)
+            y = _bn(y, scale)
+            if drop is not None:
+                y = y * (drop[:, :, o] if n == m else drop[:, sel, o]).repeat_interleave(c, dim=1)[:, :, None, None]
             # split, not sliced: its backward is one concatenation, not a zero-filled copy per edge
-            for e, out in zip(sel, _bn(y, scale).split(c, dim=1)):
+            for e, out in zip(sel, y.split(c, dim=1)):
                 terms[e].append((out, None))
         return terms

@@ -28,7 +28,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
 from .genotype import Genotype  # noqa: E402
-from .search_space import edges  # noqa: E402
+from .search_space import edges, input_weights, pairs  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +150,6 @@ def edge_label(j: int, i: int, math_text: bool = False) -> str:
     return f"n{j}←{state_name(i)}"
 
 
-def _segment_softmax(logits: torch.Tensor, nodes: int) -> torch.Tensor:
-    parts, start = [], 0
-    for j in range(nodes):
-        parts.append(torch.softmax(logits[start:start + j + 2], dim=0))
-        start += j + 2
-    return torch.cat(parts)
-
-
 def _cell_types(alphas: Mapping[str, torch.Tensor]) -> list[str]:
     found = [k[len("alpha_"):] for k in alphas if k.startswith("alpha_")]
     return [t for t in CELL_TYPES if t in found] + sorted(t for t in found if t not in CELL_TYPES)
@@ -191,13 +183,12 @@ def plot_architecture(alphas: Mapping[str, torch.Tensor], ops: Sequence[str], no
             raise ValueError(f"alpha_{t} has shape {tuple(alpha.shape)}, expected ({n_edges}, {n_ops}) "
                              f"for {nodes} nodes and {n_ops} operations")
         a = torch.softmax(alpha / tau_a, dim=-1).numpy()
-        beta = alphas.get(f"beta_{t}")
         b = None
-        if beta is not None:
-            beta = beta.detach().float().cpu().reshape(-1)
-            if beta.numel() != n_edges:
-                raise ValueError(f"beta_{t} has {beta.numel()} entries, expected {n_edges}")
-            b = _segment_softmax(beta / tau_b, nodes).numpy()
+        for key, size in ((f"beta_{t}", n_edges), (f"beta_pair_{t}", len(pairs(nodes)))):
+            if key in alphas and alphas[key].numel() != size:
+                raise ValueError(f"{key} has {alphas[key].numel()} entries, expected {size}")
+            if key in alphas:  # per-input β, or each input's share of the pairwise β (Σ over its pairs)
+                b = input_weights({key: alphas[key].detach().float().cpu().reshape(-1)}, t, tau_b, nodes).numpy()
         panels.append((t, a, b))
 
     row_h, gap, top, bottom = 0.3, 1.2, 0.55, 0.8  # inches: per edge row, between cell types, margins
@@ -230,7 +221,8 @@ def plot_architecture(alphas: Mapping[str, torch.Tensor], ops: Sequence[str], no
                     ax_b.text(0.0, (n_edges - 1) / 2, "no β", ha="center", va="center", color="gray")
                     ax_b.set_xlim(-0.5, 0.5)
                 tau_txt = f"\n$\\tau_\\beta$ = {tau_b:g}" if tau_b != 1.0 else ""
-                ax_b.set_title(f"softmax(β){tau_txt}", fontsize=9)
+                ax_b.set_title(f"{'input weight' if f'beta_pair_{t}' in alphas else 'softmax(β)'}{tau_txt}",
+                               fontsize=9)
                 ax_b.set_xticks([])
                 ax_b.tick_params(axis="y", left=False, labelleft=False)
                 for ax in (ax_a, ax_b):

@@ -18,11 +18,28 @@ kernels on weights stacked over the edges), then node j = Σ_(e, o) w[e, o] · o
 <= ``threshold`` are not computed (soft-pruning); a node whose terms are all pruned keeps its strongest. The
 function is the per-edge one's (``tests/test_search_space_fast.py`` checks logits and gradients against it).
 Activations are NHWC when ``channels_last`` (oneDNN's fast kernels on the CPU).
+
+Input weights (``model.input_weights``). ``per_input``: β_j is a softmax over node j's j + 2 inputs, as the
+paper's equation reads. ``pairwise`` (the official code, ``--use_pairwise_input_alphas``): ``beta_pair_t`` ``[P]``
+holds one logit per pair (a, b) of node j's inputs, P = Σ_j C(j + 2, 2), and
+
+    x_j = Σ_(a<b) softmax(β_j/τ_β)_(a,b) · (o_a + o_b)      ⇔      input i weighs Σ_(pairs ∋ i) softmax(β_j/τ_β)
+
+so as τ_β → 0 a node keeps exactly two inputs. Soft-pruning (``model.prune_rule``) with threshold θ: ``product``
+skips the terms whose combined weight input·operation ≤ θ; ``separate`` (official) drops operations with
+softmax(α/τ_α) ≤ θ and input pairs (or inputs) with weight ≤ θ, each on its own.
+
+Drop-path (``task.drop_path`` p, meta-training tasks only, as in the official code): every (edge, operation)
+output of every cell except the identity is multiplied per image by Bernoulli(1 − p)/(1 − p); the masks arrive
+in ``mix`` as ``drop_l`` ``[B, E, O]`` for cell l (see :func:`drop_path_masks`), drawn from the task's own
+generator so that they do not depend on the worker that runs the task.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from functools import lru_cache
 
 from .config import ModelConfig
 from .ops import EdgeOps, FactorizedReduce, ReLUConvBN, bn
@@ -31,6 +48,26 @@ from .ops import EdgeOps, FactorizedReduce, ReLUConvBN, bn
 def edges(nodes: int) -> list[tuple[int, int]]:
     """(node j, source i) for every edge, node-major; sources 0, 1 are the cell inputs, 2 + m is node m."""
     return [(j, i) for j in range(nodes) for i in range(j + 2)]
+
+
+def pairs(nodes: int) -> list[tuple[int, int, int]]:
+    """(node j, input a, input b), a < b, for every pair of inputs of every node, node-major (as ``beta_pair_t``)."""
+    return [(j, a, b) for j in range(nodes) for a in range(j + 2) for b in range(a + 1, j + 2)]
+
+
+def node_sizes(nodes: int, pairwise: bool = False) -> list[int]:
+    """Entries of β per node: its j + 2 inputs, or their (j + 2)(j + 1)/2 pairs."""
+    return [(j + 2) * (j + 1) // 2 if pairwise else j + 2 for j in range(nodes)]
+
+
+@lru_cache(maxsize=None)
+def _incidence(nodes: int) -> torch.Tensor:
+    """``[E, P]``: 1 where edge (j, i) is one of the two inputs of pair p (of the same node j)."""
+    index = {e: k for k, e in enumerate(edges(nodes))}
+    m = torch.zeros(len(index), len(pairs(nodes)))
+    for p, (j, a, b) in enumerate(pairs(nodes)):
+        m[index[(j, a)], p] = m[index[(j, b)], p] = 1.0
+    return m
 
 
 class SearchCell(nn.Module):
@@ -54,8 +91,9 @@ class SearchCell(nn.Module):
             EdgeOps(c, 2 if reduction and src < 2 else 1, len(ks), ops) for src, ks in enumerate(self.source_edges))
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
-                threshold: float = 0.0) -> torch.Tensor:
-        """``weights``: ``[E, O]`` combined edge weights; terms with weight <= threshold are skipped."""
+                threshold: float = 0.0, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """``weights``: ``[E, O]`` combined edge weights; terms with weight <= threshold are skipped.
+        ``drop``: ``[B, E, O]`` per-image drop-path multipliers (None: no drop-path)."""
         states = [self.preproc0(s0), self.preproc1(s1)]
         active = (weights > threshold).tolist()
         n_ops, e = self.n_ops, 0
@@ -71,8 +109,10 @@ class SearchCell(nn.Module):
                 ks = self.source_edges[src]
                 if not any(any(active[k]) for k in ks):
                     continue
-                w = weights[ks[0]:ks[-1] + 1] if ks[-1] - ks[0] == len(ks) - 1 else weights[ks]
-                for k, t in zip(ks, self.sources[src](states[src], w, [active[k] for k in ks])):
+                contiguous = ks[-1] - ks[0] == len(ks) - 1
+                w = weights[ks[0]:ks[-1] + 1] if contiguous else weights[ks]
+                d = None if drop is None else (drop[:, ks[0]:ks[-1] + 1] if contiguous else drop[:, ks])
+                for k, t in zip(ks, self.sources[src](states[src], w, [active[k] for k in ks], d)):
                     terms[k] = t
             node_terms = [t for k in range(e, e + j + 2) for t in terms[k]]
             if node_terms:
@@ -112,6 +152,7 @@ class SearchNetwork(nn.Module):
         c_stem = cfg.stem_multiplier * c
         self.stem = nn.Sequential(nn.Conv2d(in_channels, c_stem, 3, 1, 1, bias=False), bn(c_stem, affine=True))
         self.threshold = cfg.prune_threshold
+        self.prune_rule = cfg.prune_rule
         self.channels_last = cfg.channels_last  # NHWC activations (build_network sets it from the config too)
         self.nodes = cfg.nodes
         self.ops = cfg.ops
@@ -128,12 +169,15 @@ class SearchNetwork(nn.Module):
         self.classifier = nn.Linear(c_p, n_classes)
 
     def forward(self, x: torch.Tensor, mix: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``x``: ``[B, C, H, W]``; ``mix``: ``{"normal": [E, O], "reduce": [E, O]}`` → logits ``[B, n_classes]``."""
+        """``x``: ``[B, C, H, W]``; ``mix``: ``{"normal": [E, O], "reduce": [E, O]}`` (and ``drop_l`` ``[B, E, O]``
+        drop-path multipliers of cell l) → logits ``[B, n_classes]``. Under ``prune_rule: separate`` the
+        weights arrive pruned (:func:`mixture`) and only exact zeros are skipped."""
         s0 = s1 = self.stem(x)
         if self.channels_last:  # (the stem's 1-channel input does not decide the layout: make it explicit)
             s0 = s1 = s0.contiguous(memory_format=torch.channels_last)
-        for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, mix["reduce" if cell.reduction else "normal"], self.threshold)
+        threshold = self.threshold if self.prune_rule == "product" else 0.0
+        for l, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1, mix["reduce" if cell.reduction else "normal"], threshold, mix.get(f"drop_{l}"))
         return self.classifier(s1.mean(dim=(2, 3)))
 
 
@@ -144,30 +188,81 @@ def cell_types(cfg: ModelConfig) -> list[str]:
 
 
 def init_alphas(cfg: ModelConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """α ~ 1e-3·N(0, 1) (all operations nearly equal, as in DARTS), β = 0 (all inputs equal)."""
+    """α ~ 1e-3·N(0, 1) (all operations nearly equal, as in DARTS); β = 0 (all inputs equal), or with
+    ``input_weights: pairwise`` one logit per input pair ~ 1e-3·N(0, 1) (``beta_pair_t``, as the official code)."""
     n_edges = len(edges(cfg.nodes))
     out = {}
     for t in cell_types(cfg):
         out[f"alpha_{t}"] = 1e-3 * torch.randn(n_edges, len(cfg.ops), generator=generator)
-        out[f"beta_{t}"] = torch.zeros(n_edges)
+        if cfg.input_weights == "pairwise":
+            out[f"beta_pair_{t}"] = 1e-3 * torch.randn(len(pairs(cfg.nodes)), generator=generator)
+        else:
+            out[f"beta_{t}"] = torch.zeros(n_edges)
     return out
 
 
-def _segment_softmax(logits: torch.Tensor, nodes: int) -> torch.Tensor:
-    """Softmax of ``[E]`` logits within each node's inputs (node j owns j + 2 consecutive edges)."""
-    parts, start = [], 0
-    for j in range(nodes):
-        parts.append(torch.softmax(logits[start:start + j + 2], dim=0))
-        start += j + 2
-    return torch.cat(parts)
+def segment_softmax(logits: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Softmax of ``[E]`` logits within consecutive segments of ``sizes`` (each node's inputs, or pairs)."""
+    return torch.cat([torch.softmax(part, dim=0) for part in logits.split(sizes)])
 
 
-def mixture(alphas: dict[str, torch.Tensor], tau_alpha: float, tau_beta: float, nodes: int) -> dict[str, torch.Tensor]:
-    """Combined edge weights softmax(β/τ_β)_e · softmax(α_e/τ_α) per cell type: ``{t: [E, O]}``."""
+def _pruned(w: torch.Tensor, threshold: float) -> torch.Tensor:
+    return torch.where(w > threshold, w, torch.zeros_like(w)) if threshold > 0 else w
+
+
+def input_weights(alphas: dict[str, torch.Tensor], t: str, tau_beta: float, nodes: int,
+                  threshold: float = 0.0) -> torch.Tensor:
+    """``[E]``: the weight of each edge's input in its node, softmax(β_j/τ_β)_i or Σ_(pairs ∋ i) softmax(β_j/τ_β),
+    with the entries (inputs, or pairs) at or below ``threshold`` set to 0."""
+    pair = alphas.get(f"beta_pair_{t}")
+    if pair is not None:
+        pi = _pruned(segment_softmax(pair / tau_beta, node_sizes(nodes, True)), threshold)
+        return _incidence(nodes).to(pi) @ pi
+    return _pruned(segment_softmax(alphas[f"beta_{t}"] / tau_beta, node_sizes(nodes)), threshold)
+
+
+def mixture(alphas: dict[str, torch.Tensor], tau_alpha: float, tau_beta: float, nodes: int,
+            rule: str = "product", threshold: float = 0.0) -> dict[str, torch.Tensor]:
+    """Combined edge weights ``{t: [E, O]}``: input weight (:func:`input_weights`) · softmax(α_e/τ_α).
+
+    ``rule: separate`` zeroes operations with softmax(α/τ_α) ≤ ``threshold`` and inputs / pairs with weight
+    ≤ ``threshold`` (official soft-pruning); ``product`` leaves the weights whole (the network skips the terms
+    whose product is ≤ its threshold)."""
+    sep = threshold if rule == "separate" else 0.0
     out = {}
     for key, alpha in alphas.items():
         if key.startswith("alpha_"):
             t = key[len("alpha_"):]
-            beta = alphas[f"beta_{t}"]
-            out[t] = _segment_softmax(beta / tau_beta, nodes)[:, None] * torch.softmax(alpha / tau_alpha, dim=-1)
+            out[t] = input_weights(alphas, t, tau_beta, nodes, sep)[:, None] * _pruned(
+                torch.softmax(alpha / tau_alpha, dim=-1), sep)
     return out
+
+
+def drop_path_masks(net: nn.Module, batch: int, p: float, generator: torch.Generator,
+                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """``{"drop_l": [B, E, O]}`` for every cell l: Bernoulli(1 − p)/(1 − p) per image, edge and operation, 1 for
+    the identity (``skip_connect`` on a stride-1 edge), which the official code never drops."""
+    keep = 1.0 - p
+    ops = list(net.ops)
+    out = {}
+    for l, cell in enumerate(net.cells):
+        m = torch.bernoulli(torch.full((batch, len(cell.edge_list), len(ops)), keep), generator=generator) / keep
+        if "skip_connect" in ops:
+            stride1 = [k for k, (_, i) in enumerate(cell.edge_list) if not (cell.reduction and i < 2)]
+            m[:, stride1, ops.index("skip_connect")] = 1.0
+        out[f"drop_{l}"] = m.to(device)
+    return out
+
+
+def prune_meta_alphas(alphas: dict[str, torch.Tensor], tau_alpha: float, threshold: float,
+                      value: float = -1e9) -> int:
+    """Official meta-model pruning, in place: α logits whose softmax(α/τ_α) < ``threshold`` become ``value``, so
+    those operations are skipped from then on. Returns the number of logits pruned."""
+    n = 0
+    with torch.no_grad():
+        for key, alpha in alphas.items():
+            if key.startswith("alpha_"):
+                low = (torch.softmax(alpha / tau_alpha, dim=-1) < threshold) & (alpha > value)
+                n += int(low.sum())
+                alpha[low] = value
+    return n

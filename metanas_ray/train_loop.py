@@ -25,12 +25,13 @@ import torch
 from .comm import LocalComm, my_share
 from .config import Config
 from .data import MetaSplits, check_tasks, load_splits
-from .evaluate import meta_test
+from .evaluate import meta_test, meta_test_threshold
 from .genotype import derive
-from .inner_loop import NonFiniteLossError, Temperature, run_task
+from .inner_loop import Moments, NonFiniteLossError, Temperature, run_task
 from .memory import keep_freed_memory
 from .meta_update import MetaLearner
 from .rundir import RunDir
+from .search_space import prune_meta_alphas
 from .state import build_network, clone, flatten, init_state, place, unflatten
 
 log = logging.getLogger(__name__)
@@ -107,10 +108,14 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
     net = build_network(cfg, splits.channels)
     state = place(net, init_state(cfg, net), device)
     learner = MetaLearner(cfg.meta, T)
+    # the task-learner's Adam moments, carried over tasks (task.adam_moments: kept; see inner_loop.Moments)
+    moments = Moments.zeros(state) if cfg.task.adam_moments == "kept" else None
     start, rows, elapsed_before = 0, [], 0.0
     if resume is not None:
         state = place(net, resume["state"], device)
         learner.load_state_dict(resume["meta_optimizer"], device)
+        if moments is not None and resume.get("task_optimizer") is not None:
+            moments = Moments.from_state_dict(resume["task_optimizer"], device)
         start, rows = int(resume["step"]), list(resume["metrics"])
         elapsed_before = float(resume.get("elapsed", 0.0))
         torch.set_rng_state(resume["rng"])
@@ -118,35 +123,47 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
             recorder.run.write_metrics(rows)  # drop rows logged after the checkpoint: no duplicates
         log.info("resumed at meta-step %d of %d", start, T)
     my_tasks = my_share(cfg.meta.meta_batch, comm)
-    tau = Temperature.from_config(cfg.task).final
     n_flat = flatten(state).numel()
+    n_moments = flatten(moments.v).numel() if moments is not None else 0
     t_loop, tasks_done = time.perf_counter(), 0
     seconds = dict.fromkeys(("tasks", "all_reduce", "meta_update"), 0.0)  # this worker's, over the loop
 
     for t in range(start, T):
         learn_arch = learner.learns_architecture(t)
-        total = torch.zeros(n_flat, dtype=torch.float32, device=device)
+        hold_tau = not learn_arch and cfg.task.warmup_tau == "hold"  # the official warm-up keeps τ at its start
+        _, tau = Temperature.from_config(cfg.task).schedule_for(cfg.task.steps, None, hold_tau)
+        total = torch.zeros(n_flat + n_moments, dtype=torch.float32, device=device)
         acc = loss = failed = 0.0
         t0 = time.perf_counter()
         for i in my_tasks:
             task = samplers["train"].sample(t, i).to(device)
+            task_moments = moments.copy() if moments is not None else None
             try:
-                adapted, stats = run_task(net, state, task, cfg.task, cfg.task.steps, learn_arch)
+                adapted, stats = run_task(net, state, task, cfg.task, cfg.task.steps, learn_arch,
+                                          hold_tau=hold_tau, moments=task_moments)
             except NonFiniteLossError as e:
                 failed, failure = 1.0, str(e)
                 break
-            total += flatten(learner.contribution(net, adapted, task.x_query, task.y_query, tau))
+            total[:n_flat] += flatten(learner.contribution(net, adapted, task.x_query, task.y_query, tau))
+            if task_moments is not None:
+                total[n_flat:] += flatten(task_moments.v)
             acc += stats["query_accuracy"]
             loss += stats["query_loss"]
         # the one meeting point of all workers: contributions and statistics summed in one all-reduce
         t1 = time.perf_counter()
         summed = comm.all_reduce_sum(torch.cat([total.double(), _stats_vector([acc, loss, failed]).to(device)]))
+        stats_at = n_flat + n_moments
         if summed[-1] > 0:  # (reading it also waits for an asynchronous, e.g. NCCL, all-reduce to finish)
             raise NonFiniteLossError(
                 failure if failed else f"a worker's task-learner loss became non-finite at meta-step {t}")
         t2 = time.perf_counter()
         mean = unflatten((summed[:n_flat] / cfg.meta.meta_batch).float(), state)
         learner.step(state, mean, t)
+        if moments is not None:  # the next meta-batch starts from the mean of this one's final moments
+            moments = moments.advanced(unflatten((summed[n_flat:stats_at] / cfg.meta.meta_batch).float(), moments.v),
+                                       cfg.task.steps * cfg.meta.meta_batch, learn_arch)
+        if cfg.meta.prune_every and cfg.meta.prune_threshold > 0 and (t + 1) % cfg.meta.prune_every == 0:
+            prune_meta_alphas(state["alphas"], Temperature.from_config(cfg.task).final[0], cfg.meta.prune_threshold)
         if not all(torch.isfinite(v).all() for part in state.values() for v in part.values()):
             raise NonFiniteLossError(f"the meta-parameters became non-finite at meta-step {t}; "
                                      f"lower meta.lr_w / meta.lr_alpha")
@@ -161,13 +178,15 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
         if logged:
             wall = time.perf_counter() - t_loop
             row = {"step": done,
-                   "train_accuracy": float(summed[n_flat]) / cfg.meta.meta_batch,
-                   "train_loss": float(summed[n_flat + 1]) / cfg.meta.meta_batch,
+                   "train_accuracy": float(summed[stats_at]) / cfg.meta.meta_batch,
+                   "train_loss": float(summed[stats_at + 1]) / cfg.meta.meta_batch,
                    "val_accuracy": math.nan, "val_ci95": math.nan,
                    "tasks_per_second": tasks_done / wall if wall > 0 else math.nan,
                    "wall_seconds": elapsed_before + time.perf_counter() - t_start}
             if validate:
-                val = meta_test(net, state, samplers["val"], cfg.eval.val_tasks, cfg, comm, device, hard=False)
+                frozen = not learn_arch and cfg.eval.warmup_arch == "frozen"  # official: α frozen in warm-up
+                val = meta_test(net, state, samplers["val"], cfg.eval.val_tasks, cfg, comm, device, hard=False,
+                                moments=moments, learn_arch=not frozen, hold_tau=frozen and hold_tau)
                 row["val_accuracy"], row["val_ci95"] = val["accuracy_soft"], val["ci95_soft"]
             rows.append(row)
             if comm.rank == 0:
@@ -179,6 +198,7 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
         payload = None
         if done % cfg.run.checkpoint_every == 0 or done == T:
             payload = {"step": done, "state": clone(state, "cpu"), "meta_optimizer": learner.state_dict(),
+                       "task_optimizer": moments.state_dict() if moments is not None else None,
                        "metrics": list(rows), "rng": torch.get_rng_state(), "config": cfg.to_dict(),
                        "elapsed": elapsed_before + time.perf_counter() - t_start}
         if logged or payload is not None:
@@ -188,7 +208,8 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
     per_worker = _per_worker(comm, list(seconds.values()), device)
     if final_test:
         log.info("meta-testing on %d tasks of the meta-test classes", cfg.eval.test_tasks)
-        test = meta_test(net, state, samplers["test"], cfg.eval.test_tasks, cfg, comm, device)
+        test = meta_test(net, state, samplers["test"], cfg.eval.test_tasks, cfg, comm, device, moments=moments,
+                         threshold=meta_test_threshold(cfg))
     else:
         test = dict.fromkeys(("accuracy_soft", "ci95_soft", "accuracy_hard", "ci95_hard"), math.nan) | {"tasks": 0}
     best_val = max((r["val_accuracy"] for r in rows if not math.isnan(r["val_accuracy"])), default=math.nan)

@@ -36,3 +36,15 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+# every option that reproduces the official code, at the smoke config's scale (tests/test_official_options.py)
+OFFICIAL = {
+    "model.input_weights": "pairwise", "model.prune_rule": "separate", "model.prune_threshold": 0.01,
+    "task.optimizer": "adam", "task.adam_moments": "kept", "task.lr_w": 0.005, "task.lr_alpha": 0.005,
+    "task.alpha_weight_decay": 1e-3, "task.grad_clip": 0.0, "task.batch_size": 4, "task.batch_sampling": "random",
+    "task.drop_path": 0.2, "task.tau_schedule": "linear", "task.tau_alpha_end": 0.05, "task.tau_beta_end": 0.05,
+    "task.warmup_tau": "hold", "meta.anneal": "constant", "meta.warmup_steps": 2, "meta.prune_every": 2,
+    "meta.prune_threshold": 0.1, "eval.steps": 4, "eval.arch_steps": 2, "eval.batch_size": 3, "eval.tau_end": 0.1,
+    "eval.prune_threshold": 0.05, "eval.warmup_arch": "frozen",
+}

@@ -17,7 +17,7 @@ from metanas_ray.ray_train import ScaleError, fit
 from metanas_ray.rundir import RunDir
 from metanas_ray.run import main
 
-from conftest import SMOKE
+from conftest import OFFICIAL, SMOKE
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -78,6 +78,27 @@ def test_one_and_two_workers_give_the_same_meta_parameters_and_a_killed_worker_c
     assert steps == [1, 2, 3, 4, 5, 6]  # no gap, no duplicate after the restart
     for name in ("summary.json", "genotype.json", "config.yaml", "plots/learning_curves.png"):
         assert (two.path / name).is_file()
+
+
+def test_the_official_options_give_the_same_result_on_one_and_two_workers(ray_session, smoke_cfg, tmp_path):
+    """Drop-path and minibatches come from each task's own generator, and the kept Adam moments are the mean over
+    the meta-batch: one process and two Ray Train workers end at the same meta-parameters and moments."""
+    from metanas_ray.train_loop import Recorder, meta_train
+    cfg = _cfg(smoke_cfg, 2, **OFFICIAL)
+    one = RunDir(tmp_path / "one").create(cfg)
+    s1 = meta_train(cfg, Recorder(one))
+    two = RunDir(tmp_path / "two").create(cfg)
+    s2 = fit(cfg, two)
+    assert s2["workers"] == 2
+    a, b = _final(one.path), _final(two.path)
+    for part in ("weights", "alphas"):
+        for k in a["state"][part]:
+            torch.testing.assert_close(a["state"][part][k], b["state"][part][k], rtol=1e-5, atol=1e-6)
+        for k in a["task_optimizer"]["v"][part]:
+            torch.testing.assert_close(a["task_optimizer"]["v"][part][k], b["task_optimizer"]["v"][part][k],
+                                       rtol=1e-5, atol=1e-9)
+    assert (a["state"]["alphas"]["alpha_normal"] == -1e9).any()  # the meta-model was pruned on both
+    assert s1["meta_test_accuracy_soft"] == pytest.approx(s2["meta_test_accuracy_soft"], abs=1e-6)
 
 
 def test_scale_requests_the_cluster_cannot_meet(ray_session, smoke_cfg, tmp_path):

@@ -11,7 +11,7 @@ from metanas_ray import checkpoint
 from metanas_ray.run import main
 from metanas_ray.train_loop import Recorder, meta_train
 
-from conftest import SMOKE
+from conftest import OFFICIAL, ROOT, SMOKE
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -84,9 +84,10 @@ class CrashAfter(Recorder):
             raise _Crash()
 
 
-def test_resume_is_bit_identical(tmp_path, smoke_cfg):
+@pytest.mark.parametrize("options", [{}, OFFICIAL], ids=["ours", "official_options"])
+def test_resume_is_bit_identical(tmp_path, smoke_cfg, options):
     from metanas_ray.rundir import RunDir
-    cfg = smoke_cfg.override({"meta.optimizer": "adam", "meta.lr_w": 0.01, "meta.lr_alpha": 0.01})
+    cfg = smoke_cfg.override({"meta.optimizer": "adam", "meta.lr_w": 0.01, "meta.lr_alpha": 0.01, **options})
     meta_train(cfg, Recorder(RunDir(tmp_path / "straight").create(cfg)))
     with pytest.raises(_Crash):
         meta_train(cfg, CrashAfter(RunDir(tmp_path / "broken").create(cfg), 5))
@@ -97,6 +98,11 @@ def test_resume_is_bit_identical(tmp_path, smoke_cfg):
             assert torch.equal(a["state"][part][k], b["state"][part][k]), k
     for k in a["meta_optimizer"]["m"]:
         assert torch.equal(a["meta_optimizer"]["m"][k], b["meta_optimizer"]["m"][k])
+    if options:  # the task-learner's Adam moments, kept across tasks, are in the checkpoint too
+        assert a["task_optimizer"]["t"] == b["task_optimizer"]["t"] and a["task_optimizer"]["t"]["weights"] > 0
+        for part in ("weights", "alphas"):
+            for k, v in a["task_optimizer"]["v"][part].items():
+                assert torch.equal(v, b["task_optimizer"]["v"][part][k]), k
     sa = json.loads((tmp_path / "straight" / "summary.json").read_text())
     sb = json.loads((tmp_path / "broken" / "summary.json").read_text())
     assert sa["meta_test_accuracy_soft"] == sb["meta_test_accuracy_soft"]
@@ -170,3 +176,19 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoints(tmp_path
     assert "non-finite" in err or "became" in err
     assert (out / "config.yaml").is_file() and (out / "error.txt").is_file()
     assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("name", ["omniglot_20way_1shot", "omniglot_20way_5shot"])
+def test_a_paper_config_runs_on_synthetic_data(tmp_path, name):
+    """The faithful configs as they are, on synthetic 28×28 images, shrunk only in size and length."""
+    out = tmp_path / name
+    small = ["data.dataset=synthetic", "data.synthetic_classes=24", "data.synthetic_per_class=20",
+             "model.init_channels=4", "meta.meta_batch=2", "meta.warmup_steps=1", "meta.prune_every=1",
+             "run.meta_steps=2", "eval.every=2", "eval.val_tasks=2", "eval.test_tasks=2", "eval.steps=4",
+             "eval.arch_steps=2", "run.threads=1"]
+    args = ["--config", str(ROOT / "tune_configs" / f"{name}.yaml"), "--output", str(out), "--in-process"]
+    assert main(args + [a for kv in small for a in ("--set", kv)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta_steps"] == 2 and summary["n_way"] == 20 and 0 <= summary["meta_test_accuracy_soft"] <= 1
+    genotype = json.loads((out / "genotype.json").read_text())
+    assert all(len(node) == 2 for node in genotype["normal"])  # pairwise input weights: two inputs per node

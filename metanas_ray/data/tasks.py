@@ -118,6 +118,8 @@ class Task:
 
     ``x_train`` ``[N*k, C, H, W]`` with ``y_train`` ``[N*k]`` = ``0,..,0,1,..,N-1`` (k each); ``x_query``
     ``[N*q, C, H, W]`` with ``y_query`` ``[N*q]`` likewise; ``classes[label]`` is the pool class index of that label.
+    ``seed``: the task's own seed (:func:`task_seed`); :meth:`generator` draws the task-learner's randomness from it
+    (minibatches, drop-path), so that it too depends only on (seed, split, meta-step, index).
     """
 
     x_train: torch.Tensor
@@ -125,12 +127,17 @@ class Task:
     x_query: torch.Tensor
     y_query: torch.Tensor
     classes: list[int]
+    seed: int = 0
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Task":
         return Task(self.x_train.to(device, non_blocking=non_blocking),
                     self.y_train.to(device, non_blocking=non_blocking),
                     self.x_query.to(device, non_blocking=non_blocking),
-                    self.y_query.to(device, non_blocking=non_blocking), list(self.classes))
+                    self.y_query.to(device, non_blocking=non_blocking), list(self.classes), self.seed)
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator for the task-learner, independent of the stream that drew the task's images."""
+        return torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, 1]).generate_state(1)[0]))
 
 
 def task_seed(seed: int, split: str, meta_step: int, index: int) -> int:
@@ -161,7 +168,8 @@ class TaskSampler:
 
     def sample(self, meta_step: int, index: int) -> Task:
         """The task ``index`` of meta-step ``meta_step`` (identical for identical arguments, anywhere)."""
-        g = torch.Generator().manual_seed(task_seed(self.seed, self.split, meta_step, index))
+        seed = task_seed(self.seed, self.split, meta_step, index)
+        g = torch.Generator().manual_seed(seed)
         pool, n, k, q = self.pool, self.n_way, self.k_shot, self.n_query
         classes = torch.randperm(pool.n_classes, generator=g)[:n]  # random order = random labels
         starts, counts = pool.class_starts[classes], pool.counts[classes]
@@ -174,6 +182,7 @@ class TaskSampler:
             x_query=x[:, k:].reshape(n * q, *shape).contiguous(),
             y_query=torch.arange(n).repeat_interleave(q),
             classes=classes.tolist(),
+            seed=seed,
         )
 
 
