@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from metanas_ray.config import DataConfig
+from metanas_ray.config import Config, ConfigError, DataConfig
 from metanas_ray.data import DataError, check_tasks, load_omniglot, load_splits, val_alphabets
 from metanas_ray.data import omniglot as omniglot_module
 
@@ -279,3 +280,107 @@ def test_real_omniglot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert torch.equal(pool.images, cached.pool(split).images)
     chars = [{n.rsplit("/", 1)[0] for n in s.pool(x).class_names} for x in ("train", "val", "test")]
     assert not (chars[0] & chars[1] or chars[0] & chars[2] or chars[1] & chars[2])
+
+
+# ---------------------------------------------------------------- data.split: vinyals
+
+def _split_file(tmp_path: Path, lists: dict[str, dict[str, dict[str, list[str]]]]) -> Path:
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"source": "test", **lists}))
+    return path
+
+
+SMALL_VINYALS = {  # on the fake: Alpha, Beta, Delta, Gamma (background); Omega, Psi (evaluation); character01..03
+    "train": {"images_background": {"Alpha": ["character01", "character02"], "Beta": ["character03"]},
+              "images_evaluation": {"Omega": ["character01"]}},
+    "val": {"images_background": {"Gamma": ["character01", "character02", "character03"]}},
+    "test": {"images_evaluation": {"Omega": ["character02", "character03"], "Psi": ["character01"]}},
+}
+
+
+def test_vinyals_file_lists_1028_172_423_characters_in_disjoint_splits() -> None:
+    data = json.loads(omniglot_module.VINYALS_FILE.read_text())
+    assert "torchmeta 1.8.0" in data["source"] and "MIT" in data["source"] and "Vinyals" in data["source"]
+    lists = omniglot_module.vinyals_split()
+    assert {s: len(v) for s, v in lists.items()} == {"train": 1028, "val": 172, "test": 423}
+    by_set = {s: {n: sum(e[0] == n for e in v) for n in omniglot_module.SETS} for s, v in lists.items()}
+    assert by_set == {"train": {"images_background": 792, "images_evaluation": 236},
+                      "val": {"images_background": 172, "images_evaluation": 0},
+                      "test": {"images_background": 0, "images_evaluation": 423}}
+    assert len({e for v in lists.values() for e in v}) == 1028 + 172 + 423 == 964 + 659
+
+
+def test_vinyals_split_puts_each_listed_character_with_its_4_rotations_in_its_split(
+        fake: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(omniglot_module, "VINYALS_FILE", _split_file(tmp_path, SMALL_VINYALS))
+    root = _copy(fake["zips"], tmp_path / "z")
+    s = load_omniglot(root, 28, download=False, split="vinyals")
+    for split, sets in SMALL_VINYALS.items():  # (set, alphabet, character) order, rotations innermost
+        expected = [f"{a}/{c}/rot{r}" for n in omniglot_module.SETS for a, chars in sorted(sets.get(n, {}).items())
+                    for c in chars for r in omniglot_module.ROTATIONS]
+        assert s.pool(split).class_names == expected
+        assert s.pool(split).counts.tolist() == [DRAWINGS] * len(expected)
+    by_alphabets = load_omniglot(root, 28, download=False)  # the same character's images under either split
+    a = by_alphabets.test.class_names.index("Omega/character01/rot0")
+    assert torch.equal(s.train.class_images(s.train.class_names.index("Omega/character01/rot0")),
+                       by_alphabets.test.class_images(a))
+    i = s.test.class_names.index("Psi/character01/rot0")
+    for r in range(1, 4):
+        assert torch.equal(s.test.class_images(i + r), torch.rot90(s.test.class_images(i), r, dims=(2, 3)))
+
+
+def test_alphabets_and_vinyals_splits_have_separate_caches_keyed_by_the_lists(
+        fake: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(omniglot_module, "VINYALS_FILE", _split_file(tmp_path, SMALL_VINYALS))
+    root = _copy(fake["folders"], tmp_path / "d")
+    cfg = DataConfig(dataset="omniglot", root=str(root), download=False, n_way=2, split="vinyals")
+    vinyals, alphabets = load_splits(cfg), load_omniglot(root, 28, download=False)
+    assert vinyals.val.n_classes == 3 * 4 and alphabets.val.n_classes == CHARS * 4
+    assert load_splits(cfg).from_cache and load_omniglot(root, 28, download=False).from_cache
+    assert sorted(p.name for p in (root / ".metanas_cache").glob("*.pt")) == ["omniglot_28.pt",
+                                                                             "omniglot_vinyals_28.pt"]
+    moved = {**SMALL_VINYALS, "val": {"images_background": {"Gamma": ["character01", "character02"]}}}
+    monkeypatch.setattr(omniglot_module, "VINYALS_FILE", _split_file(tmp_path, moved))
+    rebuilt = load_splits(cfg)
+    assert not rebuilt.from_cache and rebuilt.val.n_classes == 2 * 4
+
+
+def test_vinyals_split_names_a_listed_character_missing_from_the_data(
+        fake: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lists = {**SMALL_VINYALS, "test": {"images_evaluation": {"Omega": ["character02", "character09"],
+                                                             "Xi": ["character01"]}}}
+    monkeypatch.setattr(omniglot_module, "VINYALS_FILE", _split_file(tmp_path, lists))
+    root = _copy(fake["zips"], tmp_path / "z")
+    with pytest.raises(DataError, match=r"character images_evaluation/Omega/character09 and 1 more of the vinyals "
+                                        r"split \(data\.split: vinyals\) not found in "):
+        load_omniglot(root, 28, download=False, split="vinyals")
+    assert not (root / ".metanas_cache" / "omniglot_vinyals_28.pt").exists()
+
+
+def test_vinyals_split_file_listing_a_character_twice_is_an_error(tmp_path: Path) -> None:
+    twice = {**SMALL_VINYALS, "val": {"images_background": {"Alpha": ["character01"]}}}
+    with pytest.raises(DataError, match="lists images_background/Alpha/character01 twice"):
+        omniglot_module.vinyals_split(_split_file(tmp_path, twice))
+
+
+def test_unknown_split_name_is_rejected(fake: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"data\.split must be 'alphabets' or 'vinyals' for Omniglot, got 'lake'"):
+        load_omniglot(tmp_path / "nothing", 28, download=True, split="lake")  # before looking for (or fetching) data
+    assert not (tmp_path / "nothing").exists()
+    with pytest.raises(ConfigError, match=r"data\.split"):
+        Config().override({"data.split": "lake"})
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"no real Omniglot copy at {REAL}")
+def test_real_omniglot_vinyals_split_has_1028_172_423_characters(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    before = sorted(os.listdir(REAL))
+    s = load_omniglot(REAL, 28, download=False, split="vinyals")
+    assert sorted(os.listdir(REAL)) == before
+    assert [p.name for p in (tmp_path / "xdg" / "metanas_ray").glob("*.pt")][0].startswith("omniglot_vinyals_28_")
+    chars = {x: {n.rsplit("/", 1)[0] for n in s.pool(x).class_names} for x in ("train", "val", "test")}
+    assert {x: len(v) for x, v in chars.items()} == {"train": 1028, "val": 172, "test": 423}
+    assert {x: s.pool(x).n_classes for x in chars} == {"train": 4 * 1028, "val": 4 * 172, "test": 4 * 423}
+    assert not (chars["train"] & chars["val"] or chars["train"] & chars["test"] or chars["val"] & chars["test"])
+    assert all(s.pool(x).counts.unique().tolist() == [20] for x in chars)

@@ -32,7 +32,7 @@ def load_splits(cfg: DataConfig) -> MetaSplits:
     """Load the meta-splits of ``cfg.dataset``: omniglot | miniimagenet | folder | synthetic (logs time, cache hit)."""
     start = time.perf_counter()
     if cfg.dataset == "omniglot":
-        splits = load_omniglot(cfg.root, cfg.image_size, cfg.download)
+        splits = load_omniglot(cfg.root, cfg.image_size, cfg.download, cfg.split)
     elif cfg.dataset == "miniimagenet":
         splits = load_miniimagenet(cfg.root, cfg.image_size)
     elif cfg.dataset == "folder":

@@ -6,26 +6,37 @@ the official zip ``<set>.zip`` or the folder it unpacks to, ``<set>/<Alphabet>/c
 wins when both exist; ``<root>/omniglot-py/`` as torchvision lays it out works too). With ``download=True`` a
 missing zip is fetched from the official repository and its md5 checked (only for files downloaded here).
 
-Split (deterministic, by whole alphabets, so no character is in two splits):
+Splits (``data.split``), both deterministic, no character in two splits:
+
+``alphabets`` (the default), by whole alphabets:
 
 * meta-test: all evaluation alphabets (659 characters);
 * meta-val: ``sorted(background alphabets)[5::6]`` (indices 5, 11, 17, 23, 29: 5 of the 30 alphabets), or the
   last alphabet when there are fewer than 6 (small fakes in tests) — see :func:`val_alphabets`;
 * meta-train: the other background alphabets.
 
+``vinyals``, the split of Vinyals et al. 2016 (Matching Networks) as torchmeta's ``use_vinyals_split`` and the
+official MetaNAS ``--use_vinyals_split`` give it: 1028 / 172 / 423 characters for meta-train / meta-val /
+meta-test, listed in ``omniglot_vinyals.json`` next to this module (from torchmeta 1.8.0's assets, MIT license).
+Meta-train holds all background alphabets but 5 plus 236 evaluation characters; meta-val 5 background
+alphabets; meta-test the remaining 423 evaluation characters (one alphabet, Gurmukhi, is cut between
+meta-train and meta-test). Every listed character must be in the data (else :class:`DataError` naming it).
+
 Each character gives 4 classes, its rotations by 0, 90, 180, 270 degrees (``Alphabet/character01/rot90``); the
-rotations of a character always share its split. Classes are ordered by (alphabet, character, rotation).
+rotations of a character always share its split. Classes are ordered by (set, alphabet, character, rotation).
 
 Preprocessing: each 105×105 drawing → grayscale, PIL LANCZOS resize to ``image_size``², inverted so strokes
-are bright and the background is 0, uint8. The result (unrotated) is cached as one tensor file, see
-:func:`metanas_ray.data.tasks.cache_path` (``<root>/.metanas_cache/omniglot_<size>.pt`` or
-``$XDG_CACHE_HOME/metanas_ray/omniglot_<size>_<hash>.pt`` when the root is read-only).
+are bright and the background is 0, uint8. The result (unrotated) is cached as one tensor file per split rule,
+see :func:`metanas_ray.data.tasks.cache_path` (``<root>/.metanas_cache/omniglot_<size>.pt`` for ``alphabets``,
+``omniglot_vinyals_<size>.pt`` for ``vinyals``; under ``$XDG_CACHE_HOME/metanas_ray/`` with a ``_<hash>``
+suffix when the root is read-only).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
 import urllib.error
@@ -48,6 +59,8 @@ URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{}.z
 MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718", "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811"}
 ROTATIONS = (0, 90, 180, 270)
 SPLIT_RULE = "val=sorted(background)[5::6] or last; rot=0,90,180,270"  # part of the cache key
+SPLITS_BY = ("alphabets", "vinyals")  # data.split
+VINYALS_FILE = Path(__file__).with_name("omniglot_vinyals.json")
 DOWNLOAD_TIMEOUT_S = 60.0
 
 
@@ -56,6 +69,26 @@ def val_alphabets(alphabets: list[str]) -> list[str]:
     or the last one when there are fewer than 6."""
     names = sorted(alphabets)
     return names[5::6] if len(names) >= 6 else names[-1:]
+
+
+def vinyals_split(path: Path | None = None) -> dict[str, list[tuple[str, str, str]]]:
+    """The Vinyals split: ``{"train" | "val" | "test": [(set, alphabet, character)]}`` read from ``path``
+    (default :data:`VINYALS_FILE`); :class:`DataError` if a character is listed twice."""
+    path = VINYALS_FILE if path is None else path
+    try:
+        data = json.loads(path.read_text())
+        out = {split: [(s, a, c) for s, alphabets in data[split].items() for a, chars in alphabets.items()
+                       for c in chars] for split in ("train", "val", "test")}
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise DataError(f"Omniglot split file {path} is unreadable ({type(e).__name__}: {e}); reinstall "
+                        f"metanas_ray") from None
+    seen: set[tuple[str, str, str]] = set()
+    for entries in out.values():
+        for entry in entries:
+            if entry in seen:
+                raise DataError(f"Omniglot split file {path} lists {'/'.join(entry)} twice")
+            seen.add(entry)
+    return out
 
 
 @dataclass
@@ -170,18 +203,22 @@ def _decode(data: bytes, size: int) -> np.ndarray:
         return 255 - np.asarray(im, dtype=np.uint8)
 
 
-def _read_chars(src: _Source, chars: list[tuple[str, str, list[str]]], size: int) -> ClassPool:
-    """Decode the drawings of ``chars`` into a pool of unrotated characters (``Alphabet/characterNN``)."""
+def _read_chars(parts: list[tuple[_Source, list[tuple[str, str, list[str]]]]], size: int) -> ClassPool:
+    """Decode the drawings of the characters of each ``(source, chars)`` part, in order, into a pool of unrotated
+    characters (``Alphabet/characterNN``)."""
+    chars = [c for _, cs in parts for c in cs]
     out = np.empty((sum(len(m) for _, _, m in chars), 1, size, size), dtype=np.uint8)
-    i, member = 0, ""
-    try:
-        with zipfile.ZipFile(src.path) if src.is_zip else contextlib.nullcontext() as zf:
-            for _, _, members in chars:
-                for member in members:
-                    out[i, 0] = _decode(src.read(zf, member), size)
-                    i += 1
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, UnidentifiedImageError) as e:
-        raise _corrupt(src.path if src.is_zip else src.path / member, e) from None
+    i = 0
+    for src, cs in parts:
+        member = ""
+        try:
+            with zipfile.ZipFile(src.path) if src.is_zip else contextlib.nullcontext() as zf:
+                for _, _, members in cs:
+                    for member in members:
+                        out[i, 0] = _decode(src.read(zf, member), size)
+                        i += 1
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, UnidentifiedImageError) as e:
+            raise _corrupt(src.path if src.is_zip else src.path / member, e) from None
     counts = torch.tensor([0] + [len(m) for _, _, m in chars]).cumsum(0)
     return ClassPool(torch.from_numpy(out), counts, [f"{a}/{c}" for a, c, _ in chars])
 
@@ -204,8 +241,46 @@ def with_rotations(pool: ClassPool) -> ClassPool:
     return ClassPool(out, new_starts, names)
 
 
-def load_omniglot(root: str | Path, image_size: int = 28, download: bool = True) -> MetaSplits:
-    """Load (building the cache on first use) Omniglot's meta-train / meta-val / meta-test splits."""
+def _split_by_alphabets(sources: dict[str, _Source], size: int) -> tuple[ClassPool, ClassPool, ClassPool]:
+    bg, ev = sources["images_background"], sources["images_evaluation"]
+    alphabets = sorted({a for a, _, _ in bg.chars})
+    if len(alphabets) < 2:
+        raise DataError(f"Omniglot {bg.path} has {len(alphabets)} alphabet(s); need at least 2 for meta-train "
+                        f"and meta-val")
+    val = set(val_alphabets(alphabets))
+    log.info("building the Omniglot %d×%d cache from %s and %s (alphabets split, meta-val alphabets: %s)", size,
+             size, bg.path, ev.path, ", ".join(sorted(val)))
+    return (_read_chars([(bg, [c for c in bg.chars if c[0] not in val])], size),
+            _read_chars([(bg, [c for c in bg.chars if c[0] in val])], size),
+            _read_chars([(ev, ev.chars)], size))
+
+
+def _split_by_vinyals(sources: dict[str, _Source], lists: dict[str, list[tuple[str, str, str]]],
+                      size: int) -> tuple[ClassPool, ClassPool, ClassPool]:
+    where = {(name, a, c): split for split, entries in lists.items() for name, a, c in entries}
+    present = {(name, a, c) for name, src in sources.items() for a, c, _ in src.chars}
+    missing = ["/".join(e) for entries in lists.values() for e in entries if e not in present]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DataError(f"Omniglot character {missing[0]}{more} of the vinyals split (data.split: vinyals) "
+                        f"not found in {sources['images_background'].path.parent}; the split needs the complete "
+                        f"official images_background and images_evaluation sets")
+    unused = len(present) - len(where)
+    log.info("building the Omniglot %d×%d cache from %s and %s (vinyals split%s)", size, size,
+             sources["images_background"].path, sources["images_evaluation"].path,
+             f"; {unused} characters of the data are in none of its lists" if unused else "")
+    train, val, test = (_read_chars([(src, [c for c in src.chars if where.get((name, c[0], c[1])) == split])
+                                     for name, src in sources.items()], size) for split in ("train", "val", "test"))
+    return train, val, test
+
+
+def load_omniglot(root: str | Path, image_size: int = 28, download: bool = True,
+                  split: str = "alphabets") -> MetaSplits:
+    """Load (building the cache on first use) Omniglot's meta-train / meta-val / meta-test splits, split by
+    ``split`` (``data.split``): ``alphabets`` | ``vinyals``."""
+    if split not in SPLITS_BY:
+        raise DataError(f"data.split must be 'alphabets' or 'vinyals' for Omniglot, got '{split}'")
+    lists = vinyals_split() if split == "vinyals" else None
     root = Path(root).expanduser()
     found = {name: _locate(root, name) for name in SETS}
     missing = [name for name, p in found.items() if p is None]
@@ -216,26 +291,21 @@ def load_omniglot(root: str | Path, image_size: int = 28, download: bool = True)
     # cheap fingerprints: a zip's size and mtime (its listing is read only to build), a folder's file listing
     folders = {name: _scan_folder(path) for name, path in found.items() if path.suffix != ".zip"}
     fingerprint = "|".join(folders[n].fingerprint if n in folders else _stat_fingerprint(found[n]) for n in SETS)
+    if lists is None:
+        stem, rule = f"omniglot_{image_size}", SPLIT_RULE
+    else:
+        digest = hashlib.sha1(json.dumps(lists, sort_keys=True).encode()).hexdigest()[:12]
+        stem, rule = f"omniglot_vinyals_{image_size}", f"vinyals:{digest}; rot=0,90,180,270"
 
     def build() -> MetaSplits:
         sources = {n: folders[n] if n in folders else _scan_zip(found[n]) for n in SETS}
         for name, src in sources.items():
             if not src.chars:
                 raise DataError(f"Omniglot {src.path} holds no drawings (expected {name}/<Alphabet>/characterNN/*.png)")
-        bg, ev = sources["images_background"], sources["images_evaluation"]
-        alphabets = sorted({a for a, _, _ in bg.chars})
-        if len(alphabets) < 2:
-            raise DataError(f"Omniglot {bg.path} has {len(alphabets)} alphabet(s); need at least 2 for meta-train "
-                            f"and meta-val")
-        val = set(val_alphabets(alphabets))
-        log.info("building the Omniglot %d×%d cache from %s and %s (meta-val alphabets: %s)", image_size,
-                 image_size, bg.path, ev.path, ", ".join(sorted(val)))
-        return MetaSplits(
-            train=_read_chars(bg, [c for c in bg.chars if c[0] not in val], image_size),
-            val=_read_chars(bg, [c for c in bg.chars if c[0] in val], image_size),
-            test=_read_chars(ev, ev.chars, image_size),
-            name="omniglot", channels=1, image_size=image_size)
+        train, val, test = (_split_by_alphabets(sources, image_size) if lists is None
+                            else _split_by_vinyals(sources, lists, image_size))
+        return MetaSplits(train=train, val=val, test=test, name="omniglot", channels=1, image_size=image_size)
 
-    chars = cached_splits(root, f"omniglot_{image_size}", f"{fingerprint}|split={SPLIT_RULE}", build)
+    chars = cached_splits(root, stem, f"{fingerprint}|split={rule}", build)
     return MetaSplits(with_rotations(chars.train), with_rotations(chars.val), with_rotations(chars.test),
                       "omniglot", 1, image_size, from_cache=chars.from_cache)
