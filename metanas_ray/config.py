@@ -269,13 +269,30 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key written twice in one mapping is an error (YAML would keep the last silently:
+    a second ``run:`` section would reset every key of the first to its default)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice (lines {seen[key].start_mark.line + 1} and "
+                    f"{key_node.start_mark.line + 1}); merge the two", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path: str | Path, what: str, error: type[Exception] = ConfigError) -> dict[str, Any]:
-    """The mapping a YAML file holds; ``error`` (naming ``what`` and the file) when it is missing or malformed."""
+    """The mapping a YAML file holds; ``error`` (naming ``what`` and the file) when it is missing or malformed,
+    or when a key appears twice in one mapping."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{what} not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise error(f"{what} {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(values, dict):

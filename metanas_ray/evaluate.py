@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.tasks < 0:
+        p.error(f"--tasks must be at least 1 (0: eval.test_tasks / eval.val_tasks), got {args.tasks}")
     try:
         device = _device(args.device)
         run = RunDir(args.run_dir)

@@ -48,6 +48,9 @@ def test_smoke_config_writes_the_whole_run_directory(tmp_path, capsys):
     printed = capsys.readouterr().out
     again = json.loads(printed[printed.rindex("\n{\n") + 1:])
     assert again["tasks"] == 4 and again["split"] == "val" and 0 <= again["accuracy_hard"] <= 1
+    with pytest.raises(SystemExit) as bad:  # a negative task count is a usage error, not a ZeroDivisionError
+        evaluate([str(out), "--tasks", "-5"])
+    assert bad.value.code == 2 and "--tasks must be at least 1" in capsys.readouterr().err
 
 
 def test_a_meta_step_changes_w_and_alpha_and_seed_determines_everything(tmp_path, smoke_cfg):
@@ -146,6 +149,7 @@ def test_a_run_finished_with_resume_drops_the_error_of_its_earlier_stop(tmp_path
     (["--set", "task.lr_w=-1"], "task.lr_w"),
     (["--set", "data.n_way=13"], "data.n_way=13"),
     (["--set", "data.n_query=8"], "data.k_shot + data.n_query"),
+    (["--set", "data.train_shots=7"], "data.train_shots + data.n_query"),  # the key that asks for too many
     (["--set", "data.dataset=omniglot", "--set", "data.download=false"], "images_background.zip"),
 ])
 def test_bad_input_gets_one_clear_message(tmp_path, capsys, args, needle):

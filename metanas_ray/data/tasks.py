@@ -152,7 +152,7 @@ class TaskSampler:
     """Draws N-way k-shot tasks with ``n_query`` queries per class (disjoint from the shots) from one pool."""
 
     def __init__(self, pool: ClassPool, n_way: int, k_shot: int, n_query: int, seed: int, split: str,
-                 dataset: str = "the dataset") -> None:
+                 dataset: str = "the dataset", shots_key: str = "data.k_shot") -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         where = f"the {split_label(split)} split of {dataset}"
@@ -161,7 +161,7 @@ class TaskSampler:
         need = k_shot + n_query
         if need > pool.min_per_class:
             worst = int(pool.counts.argmin())
-            raise DataError(f"data.k_shot + data.n_query = {need} but some class of {where} has only "
+            raise DataError(f"{shots_key} + data.n_query = {need} but some class of {where} has only "
                             f"{pool.min_per_class} images (e.g. '{pool.class_names[worst]}')")
         self.pool, self.n_way, self.k_shot, self.n_query = pool, n_way, k_shot, n_query
         self.seed, self.split = seed, split
@@ -192,7 +192,8 @@ def check_tasks(cfg: DataConfig, splits: MetaSplits, seed: int = 0) -> dict[str,
     tasks have ``data.train_shots`` shots (0: ``data.k_shot``), the others ``data.k_shot``."""
     train_shots = cfg.train_shots or cfg.k_shot
     return {s: TaskSampler(splits.pool(s), cfg.n_way, train_shots if s == "train" else cfg.k_shot, cfg.n_query, seed,
-                           s, splits.name) for s in SPLITS}
+                           s, splits.name, "data.train_shots" if s == "train" and cfg.train_shots else "data.k_shot")
+            for s in SPLITS}
 
 
 # ---------------------------------------------------------------- cache
