@@ -379,6 +379,8 @@ def validate(cfg: Config) -> None:
     need(math.isfinite(t.alpha_weight_decay) and t.alpha_weight_decay >= 0, "task.alpha_weight_decay",
          f"must be a finite number >= 0, got {t.alpha_weight_decay}")
     need(0.0 <= t.drop_path < 1.0, "task.drop_path", f"must be in [0, 1), got {t.drop_path}")
+    need(t.drop_path == 0 or m.kind == "supernet", "task.drop_path",
+         f"drops the supernet's operation paths; model.kind: {m.kind} has none (set task.drop_path: 0)")
     need(me.prune_every >= 0, "meta.prune_every", f"must be >= 0 (0: never), got {me.prune_every}")
     need(0.0 <= me.prune_threshold < 1.0, "meta.prune_threshold", f"must be in [0, 1), got {me.prune_threshold}")
     need(e.arch_steps == -1 or 0 <= e.arch_steps <= e.steps, "eval.arch_steps",

@@ -119,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = _device(args.device)
         run = RunDir(args.run_dir)
-        ckpt_path = args.checkpoint or run.latest_checkpoint()
-        if not ckpt_path:
+        found = (checkpoint.load(args.checkpoint), args.checkpoint) if args.checkpoint else \
+            checkpoint.load_latest(run.checkpoints)
+        if not found:
             raise RunDirError(f"{run.path} has no checkpoint to evaluate")
-        payload = checkpoint.load(ckpt_path)
+        payload, ckpt_path = found
         cfg = run.open_existing()
         if args.data_root:
             cfg = cfg.override({"data.root": args.data_root})

@@ -70,8 +70,12 @@ def resolve(args: argparse.Namespace) -> tuple[Config, RunDir, dict | None]:
             raise ConfigError(f"--resume keeps the saved config; '{bad[0]}' cannot change "
                               f"(only {', '.join(sorted(allowed))} can)")
         cfg = saved.override(overrides)
-        latest = run.latest_checkpoint()
-        payload = checkpoint.load(latest) if latest else None
+        found = checkpoint.load_latest(run.checkpoints)  # the newest readable one: a corrupt newest is skipped
+        payload = found[0] if found else None
+        if payload is not None and cfg.run.meta_steps < int(payload["step"]):
+            raise ConfigError(f"run.meta_steps={cfg.run.meta_steps} but {run.path} has already done "
+                              f"{payload['step']} meta-steps (its last checkpoint); set run.meta_steps to at least "
+                              f"{payload['step']}")
         if payload is None:
             log.info("no checkpoint in %s yet: starting it from the beginning", run.checkpoints)
         return cfg, run, payload

@@ -244,6 +244,11 @@ def test_kept_adam_moments_need_the_adam_optimizer(smoke_cfg):
         smoke_cfg.override({"task.adam_moments": "kept"})
 
 
+def test_drop_path_on_the_conv4_baseline_is_an_error_naming_the_key(smoke_cfg):
+    with pytest.raises(ConfigError, match="task.drop_path.*conv4"):
+        smoke_cfg.override({"model.kind": "conv4", "task.drop_path": 0.2})
+
+
 def test_a_vinyals_split_needs_omniglot(smoke_cfg):
     with pytest.raises(ConfigError, match="data.split"):
         smoke_cfg.override({"data.split": "vinyals"})

@@ -115,6 +115,17 @@ def test_resume_is_bit_identical(tmp_path, smoke_cfg, options):
     assert rows_a == rows_b
 
 
+def test_resuming_with_fewer_meta_steps_than_done_is_refused_and_changes_nothing(tmp_path, capsys):
+    code, out = run(tmp_path, "done")  # 10 meta-steps, checkpoints at 5 and 10
+    config_before, summary_before = (out / "config.yaml").read_text(), (out / "summary.json").read_text()
+    capsys.readouterr()
+    assert main(["--resume", str(out), "--in-process", "--set", "run.meta_steps=6"]) == 2
+    err = capsys.readouterr().err
+    assert "run.meta_steps=6 but" in err and "already done 10 meta-steps" in err
+    assert (out / "config.yaml").read_text() == config_before  # refused before anything was written
+    assert (out / "summary.json").read_text() == summary_before
+
+
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
     code, out = run(tmp_path, "x", "--set", "run.meta_steps=2", "--set", "eval.every=0")
     assert code == 0
@@ -170,6 +181,36 @@ def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "corrupt" in err and str(ckpt.name) in err
     assert (out / "summary.json").read_bytes() == summary  # nothing already written is lost
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_and_the_run_finishes_as_if_undisturbed(tmp_path, capsys):
+    code, straight = run(tmp_path, "straight")
+    code, out = run(tmp_path, "cut")  # checkpoints at steps 5 and 10
+    newest = checkpoint.latest(out / "checkpoints")
+    newest.write_bytes(newest.read_bytes()[:100])  # a write cut short
+    (out / "summary.json").unlink()
+    capsys.readouterr()
+    assert main(["--resume", str(out), "--in-process"]) == 0
+    printed = capsys.readouterr().out
+    assert f"skipping {newest.name}" in printed and "resuming from step_0000005.pt" in printed
+    a, b = _final_state(straight), _final_state(out)
+    for part in ("weights", "alphas"):
+        for k in a["state"][part]:
+            assert torch.equal(a["state"][part][k], b["state"][part][k]), k
+    assert json.loads((out / "summary.json").read_text())["meta_test_accuracy_soft"] == \
+        json.loads((straight / "summary.json").read_text())["meta_test_accuracy_soft"]
+
+
+class _Arbitrary:
+    """Stands for any object a malicious pickle could carry: weights_only loading refuses it."""
+
+
+def test_a_checkpoint_holding_arbitrary_objects_is_refused_without_advice_to_unpickle_it(tmp_path):
+    path = tmp_path / "step_0000001.pt"
+    torch.save({"format": 1, "step": 1, "evil": _Arbitrary()}, path)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.load(path)
+    assert "not loaded" in str(info.value) and "weights_only=False" not in str(info.value)
 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoints(tmp_path, capsys):

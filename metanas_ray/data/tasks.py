@@ -263,11 +263,17 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 @contextlib.contextmanager
 def _build_lock(path: Path) -> Iterator[None]:
-    """Best-effort inter-process lock so that concurrent workers build a cache once (no-op where unavailable)."""
+    """Best-effort inter-process lock so that concurrent workers build a cache once (no-op where unavailable).
+
+    The lock file (and the cache folder, when this made it and it stayed empty) is removed afterwards, so that a
+    failed load leaves nothing in the data root. A process still waiting on the removed file then builds too; the
+    cache is re-read first and written atomically, so that costs time at worst, never a wrong cache."""
+    made_dir = not path.parent.exists()
+    lock = path.with_name(path.name + ".lock")
     try:
         import fcntl
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except (ImportError, OSError):
         yield
         return
@@ -275,7 +281,12 @@ def _build_lock(path: Path) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
         os.close(fd)
+        if made_dir:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # only if empty
 
 
 def cached_splits(root: str | Path, stem: str, fingerprint: str, build: Callable[[], MetaSplits]) -> MetaSplits:
