@@ -27,6 +27,8 @@ The randomness of a task (its minibatches and drop-path masks) comes from the ta
 """
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -214,10 +216,21 @@ def adapt(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, cfg: 
         drop = drop_path_masks(net, len(yb), drop_path, generator, x.device) if drop_path > 0 else None
         logits = forward(net, {"weights": w, "alphas": a}, xb, taus[step], bf16=cfg.bf16, drop=drop)
         loss = F.cross_entropy(logits, yb)
-        if not torch.isfinite(loss):
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            if step == 0 and not torch.isfinite(xb).all():
+                raise NonFiniteLossError(f"the task's images hold NaN or infinite values (loss {value})")
+            if step == 0:  # no inner update yet: the meta-parameters it started from are the cause
+                raise NonFiniteLossError(
+                    f"the task-learner's loss is {value} before its first step: the meta-parameters blew up; "
+                    f"lower meta.lr_w or meta.lr_alpha")
             raise NonFiniteLossError(
-                f"the task-learner's loss became {loss.item()} at inner step {step}; "
+                f"the task-learner's loss became {value} at inner step {step}; "
                 f"lower task.lr_w (λ_task={cfg.lr_w}) or task.lr_alpha (ξ_task={cfg.lr_alpha})")
+        first = value if step == 0 else first
+        if step > 0 and value > 100 * max(first, 1e-3):
+            _warn_diverging(f"the task-learner's loss grew from {first:.3g} to {value:.3g} within one task (inner "
+                            f"step {step}): it diverges; lower task.lr_w (λ_task={cfg.lr_w})")
         # soft-pruned terms leave some weights out of the graph: their gradient is zero
         grads = list(torch.autograd.grad(loss, w_list + a_list, allow_unused=True, materialize_grads=True))
         g_w, g_a = grads[:len(w_list)], grads[len(w_list):]
@@ -236,6 +249,16 @@ def adapt(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, cfg: 
         acc = (logits.detach().argmax(-1) == yb).float().mean()
     adapted = {"weights": {k: v.detach() for k, v in w.items()}, "alphas": {k: v.detach() for k, v in a.items()}}
     return adapted, {"loss": float(loss.detach()), "accuracy": float(acc)}
+
+
+_warned: set[str] = set()
+
+
+def _warn_diverging(message: str) -> None:
+    """Log a diverging task-learner once per process (it would repeat for every task)."""
+    if "diverging" not in _warned:
+        _warned.add("diverging")
+        logging.getLogger(__name__).warning(message)
 
 
 def _adam_direction(moments: Moments, part: str, names: list[str], grads: list[torch.Tensor]) -> list[torch.Tensor]:

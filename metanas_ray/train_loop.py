@@ -85,6 +85,26 @@ def _per_worker(comm, values: list[float], device) -> list[list[float]]:
     return comm.all_reduce_sum(m).cpu().tolist()
 
 
+def _check_meta_update(state: dict, scale: dict, t: int) -> None:
+    """Stop before a blown-up meta-update reaches a checkpoint, naming the meta learning rate: w_meta or α_meta
+    non-finite, or past 1,000 times ``scale`` (the larger of its norm and of the meta-batch's mean contribution
+    before the step: REPTILE at ε ≤ 1 lands between the two). Tasks that diverge make the mean itself large and
+    are the task-learner's to report (``inner_loop`` warns, naming task.lr_w)."""
+    for part, key in (("weights", "meta.lr_w"), ("alphas", "meta.lr_alpha")):
+        if not state[part]:
+            continue
+        after = _norm(state[part])
+        if not math.isfinite(after) or after > 1000 * scale[part]:
+            raise NonFiniteLossError(f"the meta-update blew up {'w_meta' if part == 'weights' else 'α_meta'} at "
+                                     f"meta-step {t} (norm {after:.3g}, against {scale[part]:.3g} before it); "
+                                     f"lower {key}")
+
+
+def _norm(tensors: dict) -> float:
+    """The Euclidean norm of all ``tensors`` together (float64)."""
+    return math.sqrt(sum(float(torch.linalg.vector_norm(v.double())) ** 2 for v in tensors.values()))
+
+
 def _eta(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -158,15 +178,14 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
                 failure if failed else f"a worker's task-learner loss became non-finite at meta-step {t}")
         t2 = time.perf_counter()
         mean = unflatten((summed[:n_flat] / cfg.meta.meta_batch).float(), state)
+        scale = {p: max(_norm(state[p]), _norm(mean[p]), 1.0) for p in ("weights", "alphas")}
         learner.step(state, mean, t)
+        _check_meta_update(state, scale, t)
         if moments is not None:  # the next meta-batch starts from the mean of this one's final moments
             moments = moments.advanced(unflatten((summed[n_flat:stats_at] / cfg.meta.meta_batch).float(), moments.v),
                                        cfg.task.steps * cfg.meta.meta_batch, learn_arch)
         if cfg.meta.prune_every and cfg.meta.prune_threshold > 0 and (t + 1) % cfg.meta.prune_every == 0:
             prune_meta_alphas(state["alphas"], Temperature.from_config(cfg.task).final[0], cfg.meta.prune_threshold)
-        if not all(torch.isfinite(v).all() for part in state.values() for v in part.values()):
-            raise NonFiniteLossError(f"the meta-parameters became non-finite at meta-step {t}; "
-                                     f"lower meta.lr_w / meta.lr_alpha")
         t3 = time.perf_counter()
         seconds["tasks"] += t1 - t0
         seconds["all_reduce"] += t2 - t1

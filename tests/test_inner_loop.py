@@ -66,8 +66,15 @@ def test_non_finite_loss_is_a_clear_error(setup):
     net, state, task = setup
     bad = task.x_train.clone()
     bad[0, 0, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteLossError, match="task.lr_w"):
+    with pytest.raises(NonFiniteLossError, match="images hold NaN"):
         adapt(net, state, bad, task.y_train, TaskLearnerConfig(), 2)
+    huge = {"weights": {k: torch.full_like(v, float("inf")) if k == "classifier.weight" else v
+                        for k, v in state["weights"].items()},
+            "alphas": state["alphas"]}  # as after a blown-up meta-update
+    with pytest.raises(NonFiniteLossError, match="before its first step.*lower meta.lr_w"):
+        adapt(net, huge, task.x_train, task.y_train, TaskLearnerConfig(), 2)
+    with pytest.raises(NonFiniteLossError, match="at inner step 1.*lower task.lr_w"):
+        adapt(net, state, task.x_train, task.y_train, TaskLearnerConfig(lr_w=1e30, grad_clip=0.0), 2)
 
 
 def test_temperature_schedules():

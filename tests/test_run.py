@@ -223,6 +223,25 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoints(tmp_path
     assert not (out / "summary.json").exists()
 
 
+def test_a_meta_update_blow_up_names_the_meta_learning_rate_and_writes_no_checkpoint(tmp_path, capsys):
+    code, out = run(tmp_path, "blow", "--set", "meta.lr_w=1e38", "--set", "run.checkpoint_every=1",
+                    "--set", "eval.every=0")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "blew up w_meta at meta-step 0" in err and "lower meta.lr_w" in err and "task.lr_w" not in err
+    assert checkpoint.list_checkpoints(out / "checkpoints") == []  # nothing to resume into the same blow-up
+
+
+def test_a_task_learner_that_diverges_without_overflowing_warns_once_naming_task_lr_w(tmp_path, capsys):
+    from metanas_ray import inner_loop
+    inner_loop._warned.clear()
+    code, out = run(tmp_path, "diverge", "--set", "task.lr_w=1e6", "--set", "run.meta_steps=2",
+                    "--set", "eval.every=0", "--set", "eval.test_tasks=2")
+    assert code == 0  # gradient clipping keeps the loss finite: it trains, at chance, but not silently
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "diverges" in line]
+    assert len(warnings) == 1 and "lower task.lr_w" in warnings[0]
+
+
 @pytest.mark.parametrize("name", ["omniglot_20way_1shot", "omniglot_20way_5shot"])
 def test_a_paper_config_runs_on_synthetic_data(tmp_path, name):
     """The faithful configs as they are, on synthetic 28×28 images, shrunk only in size and length."""
