@@ -25,3 +25,14 @@ def test_official_benchmark_names_a_module_the_official_code_lacks(tmp_path):
     assert r.returncode != 0
     assert "needs 'scipy_not_installed_here'" in r.stderr and "pip install scipy_not_installed_here" in r.stderr
     assert not (tmp_path / "out.json").exists()
+
+
+def test_fidelity_benchmark_names_a_missing_checkout(tmp_path):
+    out = tmp_path / "results" / "fidelity.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.fidelity", "--official-root", str(tmp_path / "metanas"),
+                        "--out", str(out), "--runs", str(tmp_path / "runs")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0
+    assert "no official MetaNAS checkout" in r.stderr
+    assert "git clone https://github.com/boschresearch/metanas" in r.stderr
+    assert not out.parent.exists() and not (tmp_path / "runs").exists()
