@@ -36,10 +36,10 @@ generator so that they do not depend on the worker that runs the task.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch import nn
-
-from functools import lru_cache
 
 from .config import ModelConfig
 from .ops import EdgeOps, FactorizedReduce, ReLUConvBN, bn
