@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from metanas_ray.config import TaskLearnerConfig
-from metanas_ray.inner_loop import NonFiniteLossError, Temperature, adapt, forward, run_task
+from metanas_ray.inner_loop import NonFiniteLossError, Temperature, adapt, forward, query_gradient, run_task
 from metanas_ray.state import build_network, init_state
 
 
@@ -18,14 +18,6 @@ def setup(smoke_cfg, synthetic_splits):
     return net, state, task
 
 
-def _grads(net, params, x, y, tau):
-    p = {part: {k: v.detach().clone().requires_grad_(True) for k, v in d.items()} for part, d in params.items()}
-    loss = F.cross_entropy(forward(net, p, x, tau), y)
-    flat = [v for d in p.values() for v in d.values()]
-    g = iter(torch.autograd.grad(loss, flat))
-    return {part: {k: next(g) for k in d} for part, d in p.items()}
-
-
 def test_each_step_is_the_task_learner_equation_at_the_current_weights(setup):
     """w_{j+1} = w_j − λ∇_w L(w_j, α_j) and α_{j+1} = α_j − ξ∇_α L(w_j, α_j), with both gradients from one fresh
     forward pass at the *current* (w_j, α_j) — not at a stale copy of the network, as in the official code."""
@@ -34,7 +26,7 @@ def test_each_step_is_the_task_learner_equation_at_the_current_weights(setup):
                             tau_beta_start=0.8, grad_clip=0.0)
     one, _ = adapt(net, state, task.x_train, task.y_train, cfg, 1)
     two, _ = adapt(net, state, task.x_train, task.y_train, cfg, 2)
-    g = _grads(net, one, task.x_train, task.y_train, (0.5, 0.8))  # autograd on a fresh forward at (w_1, α_1)
+    g = query_gradient(net, one, task.x_train, task.y_train, (0.5, 0.8))  # autograd on a fresh forward at (w_1, α_1)
     for k in one["weights"]:
         torch.testing.assert_close(two["weights"][k], one["weights"][k] - 0.3 * g["weights"][k])
     for k in one["alphas"]:
@@ -93,7 +85,7 @@ def test_adam_task_optimizer_first_step_is_a_normalised_gradient_step(setup):
     net, state, task = setup
     cfg = TaskLearnerConfig(optimizer="adam", lr_w=0.01, lr_alpha=0.02, tau_schedule="constant", grad_clip=0.0)
     one, _ = adapt(net, state, task.x_train, task.y_train, cfg, 1)
-    g = _grads(net, state, task.x_train, task.y_train, (1.0, 1.0))
+    g = query_gradient(net, state, task.x_train, task.y_train, (1.0, 1.0))
     for part, lr in (("weights", 0.01), ("alphas", 0.02)):
         for k in state[part]:
             step = g[part][k] / (g[part][k].abs() + 1e-8)  # bias-corrected v = g² at the first step
@@ -126,7 +118,6 @@ def test_soft_pruned_terms_get_zero_gradient_and_do_not_break_the_task_learner(s
     adapted, _ = adapt(net, state, task.x_train, task.y_train, TaskLearnerConfig(), 2)
     moved = {k for k in state["weights"] if not torch.equal(adapted["weights"][k], state["weights"][k])}
     assert moved and len(moved) < len(state["weights"])  # pruned operations' weights got no update
-    from metanas_ray.inner_loop import query_gradient
     g = query_gradient(net, adapted, task.x_query, task.y_query, (0.1, 0.1))
     assert all(torch.isfinite(v).all() for v in g["weights"].values())
 

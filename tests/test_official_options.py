@@ -5,12 +5,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from metanas_ray.config import ConfigError, TaskLearnerConfig, load
 from metanas_ray.data import TaskSampler
 from metanas_ray.genotype import derive, hard_mixture
-from metanas_ray.inner_loop import Moments, Temperature, adapt, forward, run_task
+from metanas_ray.inner_loop import Moments, Temperature, adapt, query_gradient, run_task
 from metanas_ray.ops import EdgeOps
 from metanas_ray.search_space import (drop_path_masks, edges, init_alphas, input_weights, mixture, pairs,
                                       prune_meta_alphas)
@@ -154,14 +153,6 @@ def test_alpha_weight_decay_adds_its_l2_term_to_the_architecture_gradient(pairwi
         torch.testing.assert_close(b["alphas"][k], a["alphas"][k] - 0.5 * 0.1 * v)
 
 
-def _grads(net, params, x, y, tau):
-    p = {part: {k: v.detach().clone().requires_grad_(True) for k, v in d.items()} for part, d in params.items()}
-    loss = F.cross_entropy(forward(net, p, x, tau), y)
-    flat = [v for d in p.values() for v in d.values()]
-    g = iter(torch.autograd.grad(loss, flat))
-    return {part: {k: next(g) for k in d} for part, d in p.items()}
-
-
 def test_kept_adam_moments_continue_from_the_given_state_and_are_updated_in_place(pairwise):
     cfg, net, state, task = pairwise
     tcfg = TaskLearnerConfig(optimizer="adam", adam_moments="kept", lr_w=0.01, lr_alpha=0.02,
@@ -173,7 +164,7 @@ def test_kept_adam_moments_continue_from_the_given_state_and_are_updated_in_plac
     moments.t = {"weights": 9, "alphas": 4}
     before = moments.copy()
     one, _ = adapt(net, state, task.x_train, task.y_train, tcfg, 1, moments=moments)
-    g = _grads(net, state, task.x_train, task.y_train, (1.0, 1.0))
+    g = query_gradient(net, state, task.x_train, task.y_train, (1.0, 1.0))
     for part, lr, t in (("weights", 0.01, 10), ("alphas", 0.02, 5)):
         for k in state[part]:
             v = 0.999 * before.v[part][k] + 0.001 * g[part][k] ** 2
