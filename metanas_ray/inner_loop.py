@@ -40,7 +40,7 @@ from torch.func import functional_call
 from .config import TaskLearnerConfig
 from .genotype import hard_mixture
 from .search_space import drop_path_masks, mixture
-from .state import State
+from .state import State, clone
 
 if TYPE_CHECKING:
     from .config import Config
@@ -119,14 +119,13 @@ class Moments:
                        {p: 0 for p in params})
 
     def copy(self, device: torch.device | str | None = None) -> "Moments":
-        return Moments({p: {k: v.detach().to(device or v.device, copy=True) for k, v in d.items()}
-                        for p, d in self.v.items()}, dict(self.t))
+        return Moments(clone(self.v, device), dict(self.t))
 
     def advanced(self, mean_v: State, steps: int, learned_arch: bool) -> "Moments":
         """The next meta-batch's moments: ``mean_v``, the mean over this meta-batch's tasks, with the step counts
         advanced by ``steps`` (its tasks' steps, as one optimizer stepping through them would count; α's only
         when it was learned)."""
-        return Moments({p: {k: v.clone() for k, v in d.items()} for p, d in mean_v.items()},
+        return Moments(clone(mean_v),
                        {p: n + (steps if p == "weights" or learned_arch else 0) for p, n in self.t.items()})
 
     def state_dict(self) -> dict:
