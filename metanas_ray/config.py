@@ -309,8 +309,26 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
     return from_dict(values)
 
 
+def dumps(cfg: Config) -> str:
+    """The YAML text of ``cfg``, as ``save`` writes it."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(dumps(cfg))
+
+
+# What ``--resume`` may change: how fast the rest of the run learns, how long it runs (``run.meta_steps``, never
+# below the meta-steps done), what it logs and keeps, how it evaluates, where the data is and where it runs.
+# Everything else shapes what has been learnt so far (the data, the tasks, the network, the algorithm).
+RESUMABLE = ("task.lr_w", "task.lr_alpha", "meta.lr_w", "meta.lr_alpha", "run.meta_steps", "run.log_every",
+             "run.checkpoint_every", "run.keep_checkpoints", "run.threads", "run.keep_freed_memory_mb", "eval.*",
+             "data.root", "data.download", "scale.*")
+
+
+def resumable(key: str) -> bool:
+    """Whether ``--resume`` may change ``key`` (see :data:`RESUMABLE`)."""
+    return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in RESUMABLE)
 
 
 def flat_keys(cfg: Config | None = None) -> dict[str, Any]:

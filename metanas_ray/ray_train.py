@@ -25,13 +25,15 @@ from typing import Any
 
 from . import checkpoint
 from .config import Config, ConfigError, from_dict
-from .rundir import RunDir
+from .interrupt import Stopped, reclaim_signals
+from .rundir import RunDir, RunDirError
 from .train_loop import Recorder, meta_train
 
 log = logging.getLogger(__name__)
 
 _CKPT_FILE = "state.pt"
 _FAILED = "failed"  # a failure that a restart cannot fix is returned as {_FAILED: (kind, message)}, not raised
+_STOPPED = "stopped"  # a stop on request (SIGINT/SIGTERM) after meta-step N: {_STOPPED: N}
 
 
 class ScaleError(RuntimeError):
@@ -42,15 +44,15 @@ class ScaleError(RuntimeError):
 class RayRecorder(Recorder):
     """Rank 0 writes the run directory; every rank reports to Ray Train at the same meta-steps."""
 
-    def record(self, rows: list[dict[str, Any]], payload: dict[str, Any] | None, keep: int) -> None:
+    def report(self, rows: list[dict[str, Any]], payload: dict[str, Any] | None) -> None:
+        """Checkpoints only: every ``ray.train.report`` is a barrier of all workers through a Ray actor (about
+        1.5 s a call here), and the metrics rows are in metrics.csv and in every checkpoint already."""
         import ray.train
 
-        super().record(rows, payload, keep)
-        metrics = {k: v for k, v in rows[-1].items()} if rows else {}
-        metrics["step"] = payload["step"] if payload is not None else metrics.get("step", 0)
         if payload is None:
-            ray.train.report(metrics)
             return
+        metrics = {k: v for k, v in rows[-1].items()} if rows else {}
+        metrics["step"] = payload["step"]
         with tempfile.TemporaryDirectory() as tmp:
             if self.rank == 0:
                 checkpoint.save(Path(tmp) / _CKPT_FILE, payload)
@@ -114,7 +116,9 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         resume = config["resume"]
     try:
         return meta_train(cfg, RayRecorder(RunDir(config["run_dir"]), rank), comm, device, resume, splits)
-    except (NonFiniteLossError, ConfigError, DataError) as e:
+    except Stopped as e:  # SIGINT/SIGTERM on the driver: the checkpoint of this step is saved
+        return {_STOPPED: e.step}
+    except (NonFiniteLossError, ConfigError, DataError, RunDirError) as e:
         return {_FAILED: (type(e).__name__, str(e))}
 
 
@@ -147,6 +151,18 @@ def init_ray(cfg: Config, dashboard: bool = True) -> bool:
         _check_reachable(address)
     if ray.is_initialized():
         return False
+    if not address and (running := _ray_start_cluster()):
+        # Ray's own helpers (Ray Train's placement-group cleaner) find the cluster that `ray start` recorded;
+        # a second local Ray beside it would have them watch the wrong one: join it instead
+        address = running
+        try:  # as ray.init does for a cluster it finds itself: send the token that `ray start` made, if any
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available)
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        except ImportError:  # a Ray without token authentication
+            pass
+        log.info("Ray: joining the Ray already running here at %s (from `ray start`; `ray stop` it to have this "
+                 "command start its own)", address)
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return True
@@ -154,9 +170,32 @@ def init_ray(cfg: Config, dashboard: bool = True) -> bool:
     # has nothing to watch on one local machine, and its start logs a spurious core_worker error line
     # (ray-project/ray#53727); the processes of the Ray started here inherit this environment
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(num_cpus=os.cpu_count(), num_gpus=_local_gpus(), include_dashboard=dashboard,
+    cpus, gpus = os.cpu_count() or 1, _local_gpus()
+    log.info("Ray: starting a local Ray on 127.0.0.1 (%d CPUs, %d GPUs; --address joins a cluster)", cpus, gpus)
+    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=dashboard,
              _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
     return True
+
+
+def _ray_start_cluster() -> str:
+    """The address of the cluster that `ray start` recorded on this machine, if it still answers ("": none). A
+    record left by a head that was not stopped cleanly is removed, as `ray stop` would have."""
+    try:
+        from ray._common.utils import get_ray_address_file
+        record = Path(get_ray_address_file(None))
+        address = record.read_text().strip() if record.is_file() else ""
+    except Exception:  # another Ray version: start a local Ray as before
+        return ""
+    if not address:
+        return ""
+    try:
+        _check_reachable(address, timeout=2.0)
+    except ScaleError:
+        log.info("Ray: %s names %s, which no longer answers (a head not stopped cleanly); removing it",
+                 record, address)
+        record.unlink(missing_ok=True)
+        return ""
+    return address
 
 
 def _local_gpus() -> int:
@@ -194,6 +233,7 @@ def fit(cfg: Config, run: RunDir, resume: dict[str, Any] | None = None) -> dict[
     if cfg.data.dataset != "synthetic":  # workers have another working directory: make the data root absolute
         cfg = cfg.override({"data.root": str(Path(cfg.data.root).expanduser().resolve())})
     started = init_ray(cfg)
+    reclaim_signals()
     try:
         n, use_gpu, threads = workers_for(cfg)
         cfg = cfg.override({"run.threads": threads})
@@ -213,7 +253,7 @@ def fit(cfg: Config, run: RunDir, resume: dict[str, Any] | None = None) -> dict[
         )
         t0 = time.perf_counter()
         try:
-            result = trainer.fit()
+            result = _fit_in_thread(trainer)
         except Exception as e:  # restarts exhausted (ray.train.TrainingFailedError) or the trainer broke
             raise ScaleError(f"Ray Train failed after {cfg.scale.max_failures} restarts: {e}") from None
         if result.error is not None:
@@ -221,6 +261,8 @@ def fit(cfg: Config, run: RunDir, resume: dict[str, Any] | None = None) -> dict[
         summary = getattr(result, "return_value", None)
         if isinstance(summary, dict) and _FAILED in summary:
             raise _error(*summary[_FAILED])
+        if isinstance(summary, dict) and _STOPPED in summary:
+            raise Stopped(summary[_STOPPED])
         payload = checkpoint.load(run.latest_checkpoint() or Path(result.checkpoint.path) / _CKPT_FILE)
         summary = dict(summary or {})
         summary["workers"] = n
@@ -233,11 +275,34 @@ def fit(cfg: Config, run: RunDir, resume: dict[str, Any] | None = None) -> dict[
             ray.shutdown()
 
 
+def _fit_in_thread(trainer):
+    """``trainer.fit()`` in a helper thread, so that SIGINT and SIGTERM reach this process's own handlers in
+    the main thread (``metanas_ray.interrupt``): in the main thread Ray Train installs a SIGINT handler of its
+    own that aborts the run without a last checkpoint."""
+    import threading
+
+    out: dict[str, Any] = {}
+
+    def target():
+        try:
+            out["result"] = trainer.fit()
+        except BaseException as e:  # handed to the main thread
+            out["error"] = e
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # wakes up for signal handlers (which run in the main thread only)
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
 def _error(kind: str, message: str) -> Exception:
     from .data import DataError
     from .inner_loop import NonFiniteLossError
 
-    return {"DataError": DataError, "NonFiniteLossError": NonFiniteLossError,
+    return {"DataError": DataError, "NonFiniteLossError": NonFiniteLossError, "RunDirError": RunDirError,
             "ConfigError": ConfigError}.get(kind, ScaleError)(message)
 
 

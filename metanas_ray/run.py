@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 from . import checkpoint
-from .config import Config, ConfigError, load, parse_overrides, save
+from .config import RESUMABLE, Config, ConfigError, load, parse_overrides, resumable
 from .data import DataError
 from .inner_loop import NonFiniteLossError
+from .interrupt import StopOnSignal, Stopped
 from .rundir import RunDir, RunDirError
 from .ray_train import ScaleError
 
@@ -53,8 +54,8 @@ def resolve(args: argparse.Namespace) -> tuple[Config, RunDir, dict | None]:
     overrides = parse_overrides(args.overrides)
     if args.num_workers is not None and args.num_workers < 1:
         raise ConfigError(f"--num-workers must be at least 1, got {args.num_workers}")
-    if args.num_gpus is not None and args.num_gpus < 1:
-        raise ConfigError(f"--num-gpus must be at least 1, got {args.num_gpus} (leave it out to use CPU workers)")
+    if args.num_gpus is not None and args.num_gpus < 0:
+        raise ConfigError(f"--num-gpus must be at least 0, got {args.num_gpus} (0: CPU workers)")
     for flag, key in (("data_root", "data.root"), ("seed", "run.seed"), ("num_workers", "scale.num_workers"),
                       ("num_gpus", "scale.num_gpus"), ("address", "scale.address")):
         if getattr(args, flag) is not None:
@@ -64,11 +65,10 @@ def resolve(args: argparse.Namespace) -> tuple[Config, RunDir, dict | None]:
             raise ConfigError("--resume continues a run with its saved config; drop --config")
         run = RunDir(args.resume)
         saved = run.open_existing()
-        allowed = {"run.meta_steps", "data.root", "scale.num_workers", "scale.num_gpus", "scale.address"}
-        bad = sorted(set(overrides) - allowed)
+        bad = sorted(k for k in overrides if not resumable(k))
         if bad:
             raise ConfigError(f"--resume keeps the saved config; '{bad[0]}' cannot change "
-                              f"(only {', '.join(sorted(allowed))} can)")
+                              f"(only {', '.join(RESUMABLE)} can)")
         cfg = saved.override(overrides)
         found = checkpoint.load_latest(run.checkpoints)  # the newest readable one: a corrupt newest is skipped
         payload = found[0] if found else None
@@ -91,11 +91,11 @@ def in_process_device(cfg: Config) -> str:
         return "cpu"
     if cfg.scale.num_gpus > 1:
         raise ConfigError(f"--in-process runs in one process on one device; --num-gpus {cfg.scale.num_gpus} "
-                          f"needs Ray Train (drop --in-process; to resume on the CPU: --set scale.num_gpus=0)")
+                          f"needs Ray Train (drop --in-process; to resume on the CPU: --num-gpus 0)")
     import torch
     if not torch.cuda.is_available():
         raise ConfigError("--num-gpus 1 asks for a GPU, but PyTorch sees none (torch.cuda.is_available() is False); "
-                          "on the CPU drop --num-gpus (when resuming a GPU run: --set scale.num_gpus=0)")
+                          "on the CPU drop --num-gpus (when resuming a GPU run: --num-gpus 0)")
     return "cuda"
 
 
@@ -103,39 +103,72 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     args = parser().parse_args(argv)
     run = None  # set once this invocation owns the run directory
+    stop = None
     try:
         cfg, target, payload = resolve(args)
         device = in_process_device(cfg) if args.in_process else None  # checked before the run directory
         if args.resume:
-            save(cfg, target.config_file)
+            target.save_config(cfg)
         else:
             target.create(cfg)
         run = target
         log.info("run directory: %s", run.path)
-        if args.in_process:
-            from .train_loop import Recorder, meta_train
-            summary = meta_train(cfg, Recorder(run), device=device, resume=payload)
-        else:
-            from .ray_train import fit
-            summary = fit(cfg, run, resume=payload)
+        with StopOnSignal(run.stop_file) as stop:
+            if args.in_process:
+                from .train_loop import Recorder, meta_train
+                summary = meta_train(cfg, Recorder(run), device=device, resume=payload)
+            else:
+                from .ray_train import fit
+                summary = fit(cfg, run, resume=payload)
     except (ConfigError, DataError, RunDirError, checkpoint.CheckpointError, NonFiniteLossError, ScaleError) as e:
         print(f"error: {e}", file=sys.stderr)
         if run is not None:
-            run.write_error(f"{type(e).__name__}: {e}")
-            if isinstance(e, (DataError, ScaleError)):  # fixable with the flags that --resume accepts
-                print(f"the run directory keeps what was written; once fixed, continue it with: python -m "
-                      f"metanas_ray.run --resume {run.path} (with --data-root, --num-workers, --num-gpus or "
-                      f"--address as needed)", file=sys.stderr)
+            _after_error(run, e)
         return 2
-    except KeyboardInterrupt:
-        print(f"interrupted; continue with: python -m metanas_ray.run --resume {run.path if run else '<dir>'}",
-              file=sys.stderr)
-        return 130
+    except (Stopped, KeyboardInterrupt) as e:
+        return _after_stop(run, e, stop)
     log.info("meta-test accuracy: soft %.2f%% ± %.2f, hard %.2f%% ± %.2f (%d tasks) | %s",
              100 * summary["meta_test_accuracy_soft"], 100 * summary["meta_test_ci95_soft"],
              100 * summary["meta_test_accuracy_hard"], 100 * summary["meta_test_ci95_hard"],
              summary["meta_test_tasks"], run.summary_file)
     return 0
+
+
+def _after_error(run: RunDir, e: Exception) -> None:
+    """Leave ``run`` so that it can go on: removed when a config problem stopped it before any result (the
+    same command works again once fixed), else with error.txt and the command that continues it."""
+    if isinstance(e, (ConfigError, DataError, ScaleError)) and run.discard():
+        print(f"nothing was computed, and {run.path} is left as it was: once fixed, run the same command again",
+              file=sys.stderr)
+        return
+    try:
+        run.write_error(f"{type(e).__name__}: {e}")
+    except RunDirError:  # an unwritable run directory: the message above is all there is
+        pass
+    last = run.latest_checkpoint()
+    kept = f"it keeps its checkpoint of meta-step {int(last.stem.split('_')[1])}; " if last else ""
+    print(f"the run directory keeps what was written ({kept}nothing else is lost); once fixed, continue with: "
+          f"python -m metanas_ray.run --resume {run.path} (--data-root, --num-workers, --num-gpus, --address and "
+          f"--set for the keys that --resume may change)", file=sys.stderr)
+
+
+def _after_stop(run: RunDir | None, e: BaseException, stop: StopOnSignal | None) -> int:
+    """One line for SIGINT/SIGTERM, the exit code a shell gives them (130 / 143), and how to continue."""
+    code = stop.exit_code if stop is not None and stop.signum else 130
+    name = stop.name if stop is not None and stop.signum else "SIGINT"
+    if run is None:
+        print(f"interrupted ({name}) before the run started", file=sys.stderr)
+        return code
+    if isinstance(e, Stopped):
+        where = f"after meta-step {e.step}, whose checkpoint is saved"
+    else:
+        last = run.latest_checkpoint()
+        why = f": {e}" if str(e) else ""
+        where = (f"at once{why}; the last checkpoint is of meta-step {int(last.stem.split('_')[1])}" if last else
+                 f"at once{why}, before its first checkpoint")
+    print(f"stopped by {name} {where}; continue with: python -m metanas_ray.run --resume {run.path}",
+          file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

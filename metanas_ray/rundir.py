@@ -4,8 +4,10 @@
     checkpoints/     step_XXXXXXX.pt (last N)     genotype.json the derived cells
     plots/           learning curves, α/β, cells  summary.json  meta-test results (written last)
     error.txt        only while a run is stopped on an error (nothing else is removed)
+    STOP             only while a stop is requested (SIGINT/SIGTERM, see ``metanas_ray.interrupt``)
 
-A directory that already holds a run is never overwritten: continuing it needs ``--resume``.
+A directory that already holds a run is never overwritten: continuing it needs ``--resume``. Every write
+that fails raises :class:`RunDirError` naming the path; what was written before stays.
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import io
 import json
 import math
 import os
+import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +33,27 @@ class RunDirError(RuntimeError):
 _MARKERS = ("config.yaml", "metrics.csv", "checkpoints", "summary.json")
 
 
+@contextmanager
+def writing(path: Path):
+    """Turns a failed write of ``path`` (permissions, a full disk, torch's own writer) into one RunDirError."""
+    try:
+        yield
+    except RunDirError:
+        raise
+    except (OSError, RuntimeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        raise RunDirError(f"cannot write {path}: {reason}") from None
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with writing(path):
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 class RunDir:
@@ -45,6 +66,8 @@ class RunDir:
         self.genotype_file = self.path / "genotype.json"
         self.summary_file = self.path / "summary.json"
         self.error_file = self.path / "error.txt"
+        self.stop_file = self.path / "STOP"
+        self._created: list[Path] = []  # what create() made, for discard()
 
     # -- creating and resuming ------------------------------------------------------------------------------
     def holds_run(self) -> bool:
@@ -57,13 +80,40 @@ class RunDir:
         if self.holds_run():
             raise RunDirError(f"{self.path} already holds a run; continue it with --resume {self.path} "
                               f"or choose another --output")
+        self._created = [p for p in (self.path, self.checkpoints, self.plots) if not p.exists()]
         try:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
             self.plots.mkdir(exist_ok=True)
         except OSError as e:
-            raise RunDirError(f"cannot create run directory {self.path}: {e}") from None
-        config_mod.save(cfg, self.config_file)
+            raise RunDirError(f"cannot create run directory {self.path}: {e.strerror or e}") from None
+        self._created.append(self.config_file)
+        self.save_config(cfg)
         return self
+
+    def save_config(self, cfg: config_mod.Config) -> None:
+        _atomic_write(self.config_file, config_mod.dumps(cfg))
+
+    def computed_nothing(self) -> bool:
+        """No checkpoint and no metrics yet: nothing that a rerun would not redo."""
+        return self.latest_checkpoint() is None and not self.metrics_file.exists()
+
+    def discard(self) -> bool:
+        """Remove what :meth:`create` made (and Ray's records), so that the same ``--output`` can start the run
+        again; only while nothing was computed. Returns whether it did."""
+        if not self._created or not self.computed_nothing():
+            return False
+        for extra in (self.path / "ray", self.error_file, self.stop_file):
+            if extra.is_dir():
+                shutil.rmtree(extra, ignore_errors=True)
+            else:
+                extra.unlink(missing_ok=True)
+        for p in reversed(self._created):
+            try:
+                p.rmdir() if p.is_dir() else p.unlink(missing_ok=True)
+            except OSError:  # something the user put there: leave it
+                pass
+        self._created = []
+        return True
 
     def open_existing(self) -> config_mod.Config:
         """The saved config of a run to resume (checks there is something to resume)."""
@@ -90,8 +140,10 @@ class RunDir:
         _atomic_write(self.metrics_file, buf.getvalue())
 
     def save_checkpoint(self, payload: dict[str, Any], keep: int) -> Path:
-        path = checkpoint.save(self.checkpoints / checkpoint.checkpoint_name(payload["step"]), payload)
-        checkpoint.prune(self.checkpoints, keep)
+        path = self.checkpoints / checkpoint.checkpoint_name(payload["step"])
+        with writing(path):
+            checkpoint.save(path, payload)
+            checkpoint.prune(self.checkpoints, keep)
         return path
 
     def write_summary(self, summary: dict[str, Any]) -> None:

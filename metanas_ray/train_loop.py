@@ -28,9 +28,10 @@ from .data import MetaSplits, check_tasks, load_splits
 from .evaluate import meta_test, meta_test_threshold
 from .genotype import derive
 from .inner_loop import Moments, NonFiniteLossError, Temperature, run_task
+from .interrupt import Stopped
 from .memory import keep_freed_memory
 from .meta_update import MetaLearner
-from .rundir import RunDir
+from .rundir import RunDir, RunDirError, writing
 from .search_space import prune_meta_alphas
 from .state import build_network, clone, flatten, init_state, place, unflatten
 
@@ -44,19 +45,40 @@ class Recorder:
         self.run = run
         self.rank = rank
 
-    def record(self, rows: list[dict[str, Any]], payload: dict[str, Any] | None, keep: int) -> None:
-        """Called on every worker after a meta-step that logged a row and/or is due for a checkpoint."""
+    def record(self, rows: list[dict[str, Any]], payload: dict[str, Any] | None, keep: int, comm=None,
+               device: str | torch.device = "cpu") -> None:
+        """Called on every worker after a meta-step that logged a row and/or is due for a checkpoint. Rank 0
+        writes; when that fails, every worker raises the same RunDirError (one small all-reduce), so none
+        waits for the others at the next meta-step."""
+        error = ""
         if self.rank == 0:
-            self.run.write_metrics(rows)
-            if payload is not None:
-                self.run.save_checkpoint(payload, keep)
+            try:
+                self.run.write_metrics(rows)
+                if payload is not None:
+                    self.run.save_checkpoint(payload, keep)
+            except RunDirError as e:
+                error = str(e)
+        if comm is not None and comm.world > 1:
+            failed = comm.all_reduce_sum(torch.tensor([1.0 if error else 0.0], device=device))
+            error = error or ("rank 0 could not write the run directory" if failed.item() > 0 else "")
+        if error:
+            raise RunDirError(error)
+        self.report(rows, payload)
+
+    def report(self, rows: list[dict[str, Any]], payload: dict[str, Any] | None) -> None:
+        """What the run's orchestrator (Ray Train) is told after rank 0 wrote; nothing in one process."""
+
+    def stop_requested(self) -> bool:
+        """Whether a stop was asked for (rank 0 looks for the run directory's STOP file, see ``interrupt``)."""
+        return self.rank == 0 and self.run.stop_file.exists()
 
     def finish(self, summary: dict[str, Any], state: dict, cfg: Config, rows: list[dict[str, Any]]) -> None:
         if self.rank != 0:
             return
         genotype = derive(state["alphas"], cfg.model.ops, cfg.model.nodes) if state["alphas"] else None
         if genotype is not None:
-            genotype.save(self.run.genotype_file)
+            with writing(self.run.genotype_file):
+                genotype.save(self.run.genotype_file)
         try:
             from .plotting import plot_learning_curves, write_run_plots
             if genotype is None:  # the conv4 baseline has no architecture to draw
@@ -146,7 +168,7 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
     n_flat = flatten(state).numel()
     n_moments = flatten(moments.v).numel() if moments is not None else 0
     t_loop, tasks_done = time.perf_counter(), 0
-    seconds = dict.fromkeys(("tasks", "all_reduce", "meta_update"), 0.0)  # this worker's, over the loop
+    seconds = dict.fromkeys(("tasks", "all_reduce", "meta_update", "recording"), 0.0)  # this worker's, over the loop
 
     for t in range(start, T):
         learn_arch = learner.learns_architecture(t)
@@ -171,9 +193,11 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
             loss += stats["query_loss"]
         # the one meeting point of all workers: contributions and statistics summed in one all-reduce
         t1 = time.perf_counter()
-        summed = comm.all_reduce_sum(torch.cat([total.double(), _stats_vector([acc, loss, failed]).to(device)]))
+        stop = 1.0 if recorder.stop_requested() else 0.0  # SIGINT/SIGTERM: every worker stops after this step
+        summed = comm.all_reduce_sum(torch.cat([total.double(), _stats_vector([acc, loss, failed, stop]).to(device)]))
         stats_at = n_flat + n_moments
-        if summed[-1] > 0:  # (reading it also waits for an asynchronous, e.g. NCCL, all-reduce to finish)
+        stopping = bool(summed[stats_at + 3] > 0)
+        if summed[stats_at + 2] > 0:  # (reading it also waits for an asynchronous, e.g. NCCL, all-reduce to finish)
             raise NonFiniteLossError(
                 failure if failed else f"a worker's task-learner loss became non-finite at meta-step {t}")
         t2 = time.perf_counter()
@@ -215,13 +239,18 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
                          done, T, row["train_accuracy"], row["train_loss"], val_txt, row["tasks_per_second"],
                          _eta(left))
         payload = None
-        if done % cfg.run.checkpoint_every == 0 or done == T:
+        if done % cfg.run.checkpoint_every == 0 or done == T or stopping:
             payload = {"step": done, "state": clone(state, "cpu"), "meta_optimizer": learner.state_dict(),
                        "task_optimizer": moments.state_dict() if moments is not None else None,
                        "metrics": list(rows), "rng": torch.get_rng_state(), "config": cfg.to_dict(),
                        "elapsed": elapsed_before + time.perf_counter() - t_start}
         if logged or payload is not None:
-            recorder.record(rows, payload, cfg.run.keep_checkpoints)
+            t4 = time.perf_counter()
+            recorder.record(rows, payload, cfg.run.keep_checkpoints, comm, device)
+            seconds["recording"] += time.perf_counter() - t4
+        if stopping:
+            log.info("stopped after meta-step %d on request; its checkpoint is saved", done)
+            raise Stopped(done)
 
     train_seconds = time.perf_counter() - t_loop
     per_worker = _per_worker(comm, list(seconds.values()), device)
@@ -245,7 +274,8 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
         "device": torch.device(device).type,  # cpu | cuda
         "tasks_per_worker": [len(range(r, cfg.meta.meta_batch, comm.world)) for r in range(comm.world)],
         # where each worker's meta-training time went: its tasks (inner loops and contributions), the
-        # all-reduce (communication and waiting for the slowest worker), the meta-update (serial per step)
+        # all-reduce (communication and waiting for the slowest worker), the meta-update (serial per step), and
+        # recording (metrics.csv, checkpoints and, on Ray Train, reporting them)
         **{f"seconds_in_{k}": [round(w[i], 3) for w in per_worker] for i, k in enumerate(seconds)},
         "weights": sum(v.numel() for v in state["weights"].values()),
         "model": cfg.model.kind, "dataset": d.dataset,

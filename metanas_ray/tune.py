@@ -312,7 +312,12 @@ def _exec_config(s: Sweep, cfg: Config) -> Config:
 
 # ------------------------------------------------------------------------------------------------ trials
 class _NoRunDir:
+    """A trial keeps its state in Tune's checkpoints, not in a run directory."""
+
     def write_metrics(self, rows) -> None:
+        pass
+
+    def save_checkpoint(self, payload, keep) -> None:
         pass
 
 
@@ -327,7 +332,10 @@ class TuneRecorder(Recorder):
         super().__init__(_NoRunDir(), rank)  # type: ignore[arg-type]
         self.train = train
 
-    def record(self, rows: list[dict[str, Any]], payload: dict[str, Any] | None, keep: int,
+    def stop_requested(self) -> bool:
+        return False  # Tune stops its trials itself
+
+    def report(self, rows: list[dict[str, Any]], payload: dict[str, Any] | None,
                with_checkpoint: bool = True) -> None:
         row = rows[-1] if rows else None
         if payload is None or row is None or row["step"] != payload["step"] or math.isnan(row["val_accuracy"]):
@@ -347,7 +355,7 @@ class TuneRecorder(Recorder):
     def replay(self, payload: dict[str, Any]) -> None:
         """Report a resumed checkpoint's meta-validation again: after an interruption, Tune may have missed
         the last reports of a Ray Train run (its checkpoint was saved, the trial stopped before Tune saw it)."""
-        self.record(list(payload["metrics"]), payload, 0, with_checkpoint=False)
+        self.report(list(payload["metrics"]), payload, with_checkpoint=False)
 
     def finish(self, summary, state, cfg, rows) -> None:
         pass

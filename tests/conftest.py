@@ -33,9 +33,43 @@ def synthetic_splits():
 def ray_session():
     """One local Ray for the whole test session (starting one costs seconds), on loopback only."""
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level="WARNING")  # "local": never a `ray start` head that a test left running
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_processes_mentioning(marker: str) -> None:
+    """SIGKILL every process whose command line holds ``marker``: stops one test's Ray head (``ray stop`` would
+    also stop every other Ray on the machine, the test session's among them)."""
+    import signal
+    import time
+    for _ in range(50):
+        pids = []
+        for entry in os.listdir("/proc"):
+            try:
+                if entry.isdigit() and int(entry) != os.getpid():
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        if marker.encode() in f.read():
+                            pids.append(int(entry))
+            except OSError:
+                continue
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.2)
 
 
 # every option that reproduces the official code, at the smoke config's scale (tests/test_official_options.py)

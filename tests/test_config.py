@@ -60,13 +60,3 @@ def test_shipped_configs_load():
             continue
         load(path)
     assert "task.lr_w" in flat_keys()
-
-
-def test_a_section_written_twice_is_an_error_naming_the_key(tmp_path):
-    """YAML itself keeps the second of two equal keys: a second ``run:`` would reset ``run.meta_steps``."""
-    (tmp_path / "c.yaml").write_text("run:\n  meta_steps: 10\ndata:\n  n_way: 5\nrun:\n  seed: 3\n")
-    with pytest.raises(ConfigError, match=r"key 'run' appears twice \(lines 1 and 5\)"):
-        load(tmp_path / "c.yaml")
-    (tmp_path / "d.yaml").write_text("task:\n  lr_w: 0.1\n  lr_w: 0.2\n")
-    with pytest.raises(ConfigError, match="key 'lr_w' appears twice"):
-        load(tmp_path / "d.yaml")

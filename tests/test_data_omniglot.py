@@ -182,15 +182,6 @@ def test_missing_one_set(fake: dict[str, Path], tmp_path: Path) -> None:
         load_omniglot(root, 28, download=False)
 
 
-def test_a_load_that_fails_while_building_leaves_nothing_in_the_data_root(tmp_path: Path) -> None:
-    root = tmp_path / "empty"
-    for name in ("images_background", "images_evaluation"):
-        (root / name).mkdir(parents=True)
-    with pytest.raises(DataError, match="holds no drawings"):
-        load_omniglot(root, 28, download=False)
-    assert sorted(p.name for p in root.iterdir()) == ["images_background", "images_evaluation"]  # no .lock left
-
-
 def test_download_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")

@@ -1,8 +1,6 @@
 """`ray job submit` against a local head on 127.0.0.1 (with Ray's token authentication), as a user runs it."""
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -10,42 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port, kill_processes_mentioning
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(420)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_processes_mentioning(marker: str) -> None:
-    """Stop only this test's head (``ray stop`` would also stop every other Ray on the machine)."""
-    for _ in range(50):
-        pids = []
-        for entry in os.listdir("/proc"):
-            try:
-                if entry.isdigit() and int(entry) != os.getpid():
-                    with open(f"/proc/{entry}/cmdline", "rb") as f:
-                        if marker.encode() in f.read():
-                            pids.append(int(entry))
-            except OSError:
-                continue
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.2)
 
 
 def test_ray_job_submit_runs_a_tiny_run(tmp_path):
     ray = str(Path(sys.executable).with_name("ray"))
     temp_dir = f"/tmp/metanas_job_{os.getpid()}_{int(time.time())}"  # short: Ray's socket paths have a limit
-    gcs, dash, agent, agent_grpc, metrics, runtime_env, client = (_free_port() for _ in range(7))
+    gcs, dash, agent, agent_grpc, metrics, runtime_env, client = (free_port() for _ in range(7))
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     subprocess.run([ray, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
@@ -78,4 +50,4 @@ def test_ray_job_submit_runs_a_tiny_run(tmp_path):
         assert summary["meta_steps"] == 4 and summary["workers"] == 1
         assert (out / "metrics.csv").is_file() and (out / "genotype.json").is_file()
     finally:
-        _kill_processes_mentioning(temp_dir)
+        kill_processes_mentioning(temp_dir)

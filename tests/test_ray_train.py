@@ -69,6 +69,7 @@ def test_one_and_two_workers_give_the_same_meta_parameters_and_a_killed_worker_c
     killer.join(timeout=1)
     assert killed, "no worker was killed"
     assert s2["workers"] == 2 and s2["tasks_per_worker"] == [2, 1]  # 3 tasks do not divide by 2 workers
+    assert len(s2["seconds_in_tasks"]) == 2 and all(t > 0 for t in s2["seconds_in_tasks"])
     a, b = _final(one.path), _final(two.path)
     assert a["step"] == b["step"] == 6
     for part in ("weights", "alphas"):
@@ -111,7 +112,7 @@ def test_scale_requests_the_cluster_cannot_meet(ray_session, smoke_cfg, tmp_path
 @pytest.mark.parametrize("args, needle", [
     (["--num-workers", "0"], "--num-workers must be at least 1"),
     (["--num-workers", "-2"], "--num-workers must be at least 1"),
-    (["--num-gpus", "0"], "--num-gpus must be at least 1"),
+    (["--num-gpus", "-1"], "--num-gpus must be at least 0"),
     (["--address", "127.0.0.1:9"], "cannot reach a Ray cluster at 127.0.0.1:9"),
 ])
 def test_bad_scale_flags(tmp_path, capsys, args, needle):
@@ -128,23 +129,3 @@ def test_a_worker_without_the_dataset_fails_with_a_message(ray_session, smoke_cf
     with pytest.raises(DataError, match="images_background.zip"):
         fit(cfg, RunDir(tmp_path / "d").create(cfg))
     assert not (tmp_path / "d" / "summary.json").exists()
-
-
-def test_the_embedded_default_starts_its_own_ray_and_prints_one_clean_line_per_step(tmp_path):
-    """``python -m metanas_ray.run`` in a fresh process with no address: it starts a Ray of its own (not the test
-    session's), rank 0 alone prints the progress lines, and Ray's own spurious error lines stay out."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
-    out = tmp_path / "embedded"
-    proc = subprocess.run(
-        [sys.executable, "-m", "metanas_ray.run", "--config", str(SMOKE), "--output", str(out),
-         "--num-workers", "2", "--set", "run.meta_steps=4", "--set", "eval.every=0", "--set", "eval.test_tasks=2"],
-        env=env, capture_output=True, text=True, timeout=240)
-    printed = proc.stdout + proc.stderr
-    assert proc.returncode == 0, printed[-3000:]
-    assert "2 CPU workers" in printed and "spread as [1, 1]" in printed
-    assert printed.count("step 4/4 |") == 1 and printed.count("step 2/4 |") == 1  # rank 0 only
-    assert "core_worker.cc" not in printed and "Reporting training result" not in printed
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["workers"] == 2 and summary["tasks_per_worker"] == [1, 1]
-    assert len(summary["seconds_in_tasks"]) == 2 and all(s > 0 for s in summary["seconds_in_tasks"])

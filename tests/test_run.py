@@ -48,9 +48,6 @@ def test_smoke_config_writes_the_whole_run_directory(tmp_path, capsys):
     printed = capsys.readouterr().out
     again = json.loads(printed[printed.rindex("\n{\n") + 1:])
     assert again["tasks"] == 4 and again["split"] == "val" and 0 <= again["accuracy_hard"] <= 1
-    with pytest.raises(SystemExit) as bad:  # a negative task count is a usage error, not a ZeroDivisionError
-        evaluate([str(out), "--tasks", "-5"])
-    assert bad.value.code == 2 and "--tasks must be at least 1" in capsys.readouterr().err
 
 
 def test_a_meta_step_changes_w_and_alpha_and_seed_determines_everything(tmp_path, smoke_cfg):
@@ -81,8 +78,8 @@ class CrashAfter(Recorder):
         super().__init__(run)
         self.step = step
 
-    def record(self, rows, payload, keep):
-        super().record(rows, payload, keep)
+    def record(self, rows, payload, keep, comm=None, device="cpu"):
+        super().record(rows, payload, keep, comm, device)
         if payload is not None and payload["step"] == self.step:
             raise _Crash()
 
@@ -115,17 +112,6 @@ def test_resume_is_bit_identical(tmp_path, smoke_cfg, options):
     assert rows_a == rows_b
 
 
-def test_resuming_with_fewer_meta_steps_than_done_is_refused_and_changes_nothing(tmp_path, capsys):
-    code, out = run(tmp_path, "done")  # 10 meta-steps, checkpoints at 5 and 10
-    config_before, summary_before = (out / "config.yaml").read_text(), (out / "summary.json").read_text()
-    capsys.readouterr()
-    assert main(["--resume", str(out), "--in-process", "--set", "run.meta_steps=6"]) == 2
-    err = capsys.readouterr().err
-    assert "run.meta_steps=6 but" in err and "already done 10 meta-steps" in err
-    assert (out / "config.yaml").read_text() == config_before  # refused before anything was written
-    assert (out / "summary.json").read_text() == summary_before
-
-
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
     code, out = run(tmp_path, "x", "--set", "run.meta_steps=2", "--set", "eval.every=0")
     assert code == 0
@@ -133,18 +119,6 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     code, _ = run(tmp_path, "x")
     assert code == 2 and "--resume" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-
-
-def test_a_run_stopped_by_missing_data_says_how_to_continue_it(tmp_path, capsys):
-    """The same command again would meet "already holds a run": the message gives the one that continues it."""
-    nowhere = ["--set", "data.dataset=omniglot", "--set", "data.download=false", "--data-root", str(tmp_path / "x")]
-    code, out = run(tmp_path, "nodata", *nowhere)
-    assert code == 2 and (out / "error.txt").is_file()
-    assert f"continue it with: python -m metanas_ray.run --resume {out}" in capsys.readouterr().err
-    # that command gets past the run directory, with a new --data-root, to the data check itself
-    assert main(["--resume", str(out), "--in-process", "--data-root", str(tmp_path / "y")]) == 2
-    err = capsys.readouterr().err
-    assert "already holds a run" not in err and str(tmp_path / "y") in err and "images_background.zip" in err
 
 
 def test_a_run_finished_with_resume_drops_the_error_of_its_earlier_stop(tmp_path, smoke_cfg):
@@ -160,7 +134,6 @@ def test_a_run_finished_with_resume_drops_the_error_of_its_earlier_stop(tmp_path
     (["--set", "task.lr_w=-1"], "task.lr_w"),
     (["--set", "data.n_way=13"], "data.n_way=13"),
     (["--set", "data.n_query=8"], "data.k_shot + data.n_query"),
-    (["--set", "data.train_shots=7"], "data.train_shots + data.n_query"),  # the key that asks for too many
     (["--set", "data.dataset=omniglot", "--set", "data.download=false"], "images_background.zip"),
 ])
 def test_bad_input_gets_one_clear_message(tmp_path, capsys, args, needle):
@@ -169,77 +142,6 @@ def test_bad_input_gets_one_clear_message(tmp_path, capsys, args, needle):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and needle in err and "Traceback" not in err
-
-
-def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
-    code, out = run(tmp_path, "c", "--set", "run.meta_steps=5", "--set", "eval.every=0")
-    assert code == 0
-    ckpt = checkpoint.latest(out / "checkpoints")
-    ckpt.write_bytes(ckpt.read_bytes()[:100])
-    summary = (out / "summary.json").read_bytes()
-    assert main(["--resume", str(out), "--in-process"]) == 2
-    err = capsys.readouterr().err
-    assert "corrupt" in err and str(ckpt.name) in err
-    assert (out / "summary.json").read_bytes() == summary  # nothing already written is lost
-
-
-def test_a_corrupt_newest_checkpoint_is_skipped_and_the_run_finishes_as_if_undisturbed(tmp_path, capsys):
-    code, straight = run(tmp_path, "straight")
-    code, out = run(tmp_path, "cut")  # checkpoints at steps 5 and 10
-    newest = checkpoint.latest(out / "checkpoints")
-    newest.write_bytes(newest.read_bytes()[:100])  # a write cut short
-    (out / "summary.json").unlink()
-    capsys.readouterr()
-    assert main(["--resume", str(out), "--in-process"]) == 0
-    printed = capsys.readouterr().out
-    assert f"skipping {newest.name}" in printed and "resuming from step_0000005.pt" in printed
-    a, b = _final_state(straight), _final_state(out)
-    for part in ("weights", "alphas"):
-        for k in a["state"][part]:
-            assert torch.equal(a["state"][part][k], b["state"][part][k]), k
-    assert json.loads((out / "summary.json").read_text())["meta_test_accuracy_soft"] == \
-        json.loads((straight / "summary.json").read_text())["meta_test_accuracy_soft"]
-
-
-class _Arbitrary:
-    """Stands for any object a malicious pickle could carry: weights_only loading refuses it."""
-
-
-def test_a_checkpoint_holding_arbitrary_objects_is_refused_without_advice_to_unpickle_it(tmp_path):
-    path = tmp_path / "step_0000001.pt"
-    torch.save({"format": 1, "step": 1, "evil": _Arbitrary()}, path)
-    with pytest.raises(checkpoint.CheckpointError) as info:
-        checkpoint.load(path)
-    assert "not loaded" in str(info.value) and "weights_only=False" not in str(info.value)
-
-
-def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoints(tmp_path, capsys):
-    code, out = run(tmp_path, "nan", "--set", "task.lr_w=1e30", "--set", "task.grad_clip=0",
-                    "--set", "run.checkpoint_every=1", "--set", "eval.every=0")
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "non-finite" in err or "became" in err
-    assert (out / "config.yaml").is_file() and (out / "error.txt").is_file()
-    assert not (out / "summary.json").exists()
-
-
-def test_a_meta_update_blow_up_names_the_meta_learning_rate_and_writes_no_checkpoint(tmp_path, capsys):
-    code, out = run(tmp_path, "blow", "--set", "meta.lr_w=1e38", "--set", "run.checkpoint_every=1",
-                    "--set", "eval.every=0")
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "blew up w_meta at meta-step 0" in err and "lower meta.lr_w" in err and "task.lr_w" not in err
-    assert checkpoint.list_checkpoints(out / "checkpoints") == []  # nothing to resume into the same blow-up
-
-
-def test_a_task_learner_that_diverges_without_overflowing_warns_once_naming_task_lr_w(tmp_path, capsys):
-    from metanas_ray import inner_loop
-    inner_loop._warned.clear()
-    code, out = run(tmp_path, "diverge", "--set", "task.lr_w=1e6", "--set", "run.meta_steps=2",
-                    "--set", "eval.every=0", "--set", "eval.test_tasks=2")
-    assert code == 0  # gradient clipping keeps the loss finite: it trains, at chance, but not silently
-    warnings = [line for line in capsys.readouterr().out.splitlines() if "diverges" in line]
-    assert len(warnings) == 1 and "lower task.lr_w" in warnings[0]
 
 
 @pytest.mark.parametrize("name", ["omniglot_20way_1shot", "omniglot_20way_5shot"])
