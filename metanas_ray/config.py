@@ -39,7 +39,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "supernet"  # supernet (MetaNAS) | conv4 (the MAML/REPTILE baseline)
+    kind: str = "supernet"  # supernet (MetaNAS) | genotype (the found network, fixed) | conv4 (the MAML/REPTILE baseline)
+    genotype: str = ""  # genotype only: a run's genotype.json, or a shipped name (metanas_og_v2, metanas_in_v2, ...)
     init_channels: int = 28  # C of the first cell
     layers: int = 4  # number of cells
     nodes: int = 3  # intermediate nodes per cell
@@ -76,6 +77,7 @@ class TaskLearnerConfig:
     warmup_tau: str = "anneal"  # during meta.warmup_steps: anneal τ as after it | hold it at the start (official)
     grad_clip: float = 5.0  # clip the norm of each inner gradient (0: off)
     alpha_weight_decay: float = 0.0  # L2 term on α, β added to their gradient (official: 1e-3)
+    weight_decay: float = 0.0  # L2 term on w added to its gradient (official upscaled models: 1e-4)
     drop_path: float = 0.0  # drop-path probability of each operation in meta-training tasks (official: 0.2)
     bf16: bool = False  # autocast the task-learner's forward/backward to bfloat16 (w, α and updates stay float32)
 
@@ -369,7 +371,15 @@ def validate(cfg: Config) -> None:
          f"'{d.split}' is an Omniglot split; data.dataset is '{d.dataset}'")
     need(d.synthetic_classes >= 2, "data.synthetic_classes", "must be at least 2")
     need(d.synthetic_per_class >= 2, "data.synthetic_per_class", "must be at least 2")
-    need(m.kind in ("supernet", "conv4"), "model.kind", f"must be 'supernet' or 'conv4', got '{m.kind}'")
+    need(m.kind in ("supernet", "genotype", "conv4"), "model.kind",
+         f"must be 'supernet', 'genotype' or 'conv4', got '{m.kind}'")
+    need(m.kind != "genotype" or bool(m.genotype), "model.genotype",
+         "is needed by model.kind: genotype (a run's genotype.json, or a shipped name such as metanas_og_v2)")
+    need(m.kind == "genotype" or not m.genotype, "model.genotype",
+         f"is only read by model.kind: genotype (model.kind is '{m.kind}')")
+    if m.kind == "genotype":
+        from .genotype_net import load_genotype
+        load_genotype(m.genotype)  # a missing or unreadable genotype is an error here, before any work
     need(m.kind != "conv4" or d.image_size >= 16, "data.image_size",
          f"must be at least 16 for model.kind: conv4 (its 4 max-pools halve {d.image_size} pixels to nothing)")
     need(m.init_channels >= 1, "model.init_channels", "must be positive")
@@ -397,8 +407,10 @@ def validate(cfg: Config) -> None:
     need(math.isfinite(t.alpha_weight_decay) and t.alpha_weight_decay >= 0, "task.alpha_weight_decay",
          f"must be a finite number >= 0, got {t.alpha_weight_decay}")
     need(0.0 <= t.drop_path < 1.0, "task.drop_path", f"must be in [0, 1), got {t.drop_path}")
-    need(t.drop_path == 0 or m.kind == "supernet", "task.drop_path",
-         f"drops the supernet's operation paths; model.kind: {m.kind} has none (set task.drop_path: 0)")
+    need(t.drop_path == 0 or m.kind != "conv4", "task.drop_path",
+         f"drops the cells' operation paths; model.kind: {m.kind} has none (set task.drop_path: 0)")
+    need(math.isfinite(t.weight_decay) and t.weight_decay >= 0, "task.weight_decay",
+         f"must be a finite number >= 0, got {t.weight_decay}")
     need(me.prune_every >= 0, "meta.prune_every", f"must be >= 0 (0: never), got {me.prune_every}")
     need(0.0 <= me.prune_threshold < 1.0, "meta.prune_threshold", f"must be in [0, 1), got {me.prune_threshold}")
     need(e.arch_steps == -1 or 0 <= e.arch_steps <= e.steps, "eval.arch_steps",

@@ -39,6 +39,53 @@ class Genotype:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
 
+    def to_official(self) -> str:
+        """The genotype in the notation of the official MetaNAS code (its ``utils/genotypes.py``, DARTS's
+        ``Genotype`` namedtuple with one list of (operation, input) pairs per node), ready to paste there."""
+        def cell(t: str) -> str:
+            return "[" + ", ".join("[" + ", ".join(f'("{op}", {i})' for op, i in node) + "]"
+                                   for node in self.cells.get(t, [])) + "]"
+        concat = f"range(2, {2 + self.nodes})"
+        return (f"Genotype(normal={cell('normal')}, normal_concat={concat}, "
+                f"reduce={cell('reduce')}, reduce_concat={concat})")
+
+    def to_dot(self, cell_type: str) -> str:
+        """One cell as a Graphviz DOT graph: the inputs c_{k-2}, c_{k-1}, the nodes 0 … n-1 and the output c_{k},
+        each kept edge labelled with its operation (``dot -Tsvg cell_normal.dot > cell_normal.svg`` draws it)."""
+        if cell_type not in self.cells:
+            raise KeyError(f"the genotype has no {cell_type} cell (has: {', '.join(self.cells) or 'none'})")
+        name = {0: "c_{k-2}", 1: "c_{k-1}"}
+        lines = [f"digraph cell_{cell_type} {{", "  rankdir=LR;",
+                 '  node [shape=box, style="rounded,filled", fontname=Helvetica];',
+                 '  edge [fontname=Helvetica, fontsize=10];',
+                 '  "c_{k-2}" [fillcolor=darkseagreen2];', '  "c_{k-1}" [fillcolor=darkseagreen2];']
+        cell = self.cells[cell_type]
+        lines += [f'  "{j}" [fillcolor=lightblue];' for j in range(len(cell))]
+        lines.append('  "c_{k}" [fillcolor=palegoldenrod];')
+        for j, node in enumerate(cell):
+            for op, i in node:
+                lines.append(f'  "{name.get(i, str(i - 2))}" -> "{j}" [label="{op}"];')
+        lines += [f'  "{j}" -> "c_{{k}}" [color=gray];' for j in range(len(cell))]
+        return "\n".join(lines + ["}"]) + "\n"
+
+    def write_dot(self, directory: str | Path) -> list[Path]:
+        """``cell_<type>.dot`` for each cell into ``directory``, and ``cell_<type>.svg`` where Graphviz's
+        ``dot`` program is installed. Returns the files written."""
+        import shutil
+        import subprocess
+
+        written = []
+        for t in self.cells:
+            dot = Path(directory) / f"cell_{t}.dot"
+            dot.write_text(self.to_dot(t))
+            written.append(dot)
+            if shutil.which("dot"):
+                svg = dot.with_suffix(".svg")
+                done = subprocess.run(["dot", "-Tsvg", str(dot), "-o", str(svg)], capture_output=True, timeout=60)
+                if done.returncode == 0:
+                    written.append(svg)
+        return written
+
     @classmethod
     def load(cls, path: str | Path) -> "Genotype":
         return cls.from_json(Path(path).read_text())

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -136,20 +137,25 @@ class Moments:
         return Moments(d["v"], {p: int(n) for p, n in d["t"].items()}).copy(device)
 
 
+def mixture_of(net: nn.Module, params: State, tau: tuple[float, float], hard: bool = False) -> dict[str, torch.Tensor]:
+    """The supernet's mixture weights at ``params``' α, β and ``tau`` (soft-pruned as the network says, or hard-pruned
+    to the derived genotype); {} for a network without α (Conv4)."""
+    if not params["alphas"]:
+        return {}
+    nodes = getattr(net, "nodes", 0)
+    if hard:
+        return hard_mixture(params["alphas"], net.ops, nodes, tau)
+    return mixture(params["alphas"], tau[0], tau[1], nodes, getattr(net, "prune_rule", "product"),
+                   getattr(net, "threshold", 0.0))
+
+
 def forward(net: nn.Module, params: State, x: torch.Tensor, tau: tuple[float, float] = (1.0, 1.0),
             hard: bool = False, bf16: bool = False, drop: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Float32 logits ``[B, N]`` of the network at ``params`` on images ``x`` ``[B, C, H, W]``
     (computed under bfloat16 autocast with ``bf16``; ``drop``: drop-path masks of the supernet's cells)."""
-    nodes = getattr(net, "nodes", 0)
     if getattr(net, "channels_last", False):
         x = x.contiguous(memory_format=torch.channels_last)
-    if not params["alphas"]:
-        mix = {}
-    elif hard:
-        mix = hard_mixture(params["alphas"], net.ops, nodes, tau)
-    else:
-        mix = mixture(params["alphas"], tau[0], tau[1], nodes, getattr(net, "prune_rule", "product"),
-                      getattr(net, "threshold", 0.0))
+    mix = mixture_of(net, params, tau, hard)
     if drop:
         mix = {**mix, **drop}
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -212,7 +218,8 @@ def adapt(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, cfg: 
         xb, yb = (x, y) if batch is None else (x[batch], y[batch])
         arch = learn_arch and (arch_steps is None or step < arch_steps)
         w_list, a_list = list(w.values()), list(a.values()) if arch else []
-        drop = drop_path_masks(net, len(yb), drop_path, generator, x.device) if drop_path > 0 else None
+        masks = getattr(net, "drop_path_masks", None) or partial(drop_path_masks, net)  # the found network's own
+        drop = masks(len(yb), drop_path, generator, x.device) if drop_path > 0 else None
         logits = forward(net, {"weights": w, "alphas": a}, xb, taus[step], bf16=cfg.bf16, drop=drop)
         loss = F.cross_entropy(logits, yb)
         value = float(loss.detach())
@@ -238,6 +245,8 @@ def adapt(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, cfg: 
         with torch.no_grad():
             if a_list and cfg.alpha_weight_decay > 0:  # L2 on α, β (Adam's weight_decay, as the official code)
                 torch._foreach_add_(g_a, a_list, alpha=cfg.alpha_weight_decay)
+            if cfg.weight_decay > 0:  # L2 on w, likewise
+                torch._foreach_add_(g_w, w_list, alpha=cfg.weight_decay)
             if cfg.optimizer == "adam":  # Adam with β1 = 0, as in REPTILE and the official MetaNAS code
                 g_w = _adam_direction(moments, "weights", list(w), g_w)
                 if a_list:

@@ -19,8 +19,13 @@ State = dict[str, dict[str, torch.Tensor]]
 def build_network(cfg: Config, in_channels: int) -> nn.Module:
     """The forward computation for ``cfg.model.kind`` with an N-way (``cfg.data.n_way``) classifier."""
     m = cfg.model
-    net = (Conv4(in_channels, cfg.data.n_way, m.conv4_channels, cfg.data.image_size) if m.kind == "conv4"
-           else SearchNetwork(m, in_channels, cfg.data.n_way))
+    if m.kind == "conv4":
+        net = Conv4(in_channels, cfg.data.n_way, m.conv4_channels, cfg.data.image_size)
+    elif m.kind == "genotype":
+        from .genotype_net import GenotypeNetwork, load_genotype
+        net = GenotypeNetwork(m, load_genotype(m.genotype), in_channels, cfg.data.n_way)
+    else:
+        net = SearchNetwork(m, in_channels, cfg.data.n_way)
     net.channels_last = m.channels_last  # forward() then feeds NHWC images
     return net
 

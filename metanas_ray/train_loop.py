@@ -76,12 +76,19 @@ class Recorder:
         if self.rank != 0:
             return
         genotype = derive(state["alphas"], cfg.model.ops, cfg.model.nodes) if state["alphas"] else None
+        if cfg.model.kind == "genotype":  # the found network: the genotype it was built from
+            from .genotype_net import load_genotype
+            genotype = load_genotype(cfg.model.genotype)
         if genotype is not None:
             with writing(self.run.genotype_file):
                 genotype.save(self.run.genotype_file)
+            with writing(self.run.plots):
+                self.run.plots.mkdir(exist_ok=True)
+                genotype.write_dot(self.run.plots)
+            log.info("found cells, in the official code's notation: %s", genotype.to_official())
         try:
             from .plotting import plot_learning_curves, write_run_plots
-            if genotype is None:  # the conv4 baseline has no architecture to draw
+            if not state["alphas"]:  # Conv4 and the found network have no α to draw
                 self.run.plots.mkdir(exist_ok=True)
                 plot_learning_curves(rows, self.run.plots / "learning_curves.png")
             else:

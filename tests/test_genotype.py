@@ -55,3 +55,38 @@ def test_hard_mixture_is_the_soft_mixture_restricted_to_the_genotype():
         assert nz == kept
         for e, o in kept:
             assert hard[t][e, o] == soft[t][e, o]
+
+
+# genotype_metanas_og_v2, the Omniglot cells published in boschresearch/metanas, metanas/utils/genotypes.py
+OG_V2 = Genotype({"normal": [[("dil_conv_3x3", 0), ("sep_conv_3x3", 1)], [("avg_pool_3x3", 0), ("sep_conv_3x3", 1)],
+                             [("conv_1x5_5x1", 0), ("conv_3x3", 2)]],
+                  "reduce": [[("skip_connect", 0), ("sep_conv_3x3", 1)], [("conv_3x3", 0), ("dil_conv_3x3", 1)],
+                             [("dil_conv_3x3", 0), ("conv_1x5_5x1", 2)]]}, nodes=3)
+
+
+def test_the_official_notation_reads_back_as_the_official_namedtuple():
+    from collections import namedtuple
+    official = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
+    text = OG_V2.to_official()
+    assert text.startswith('Genotype(normal=[[("dil_conv_3x3", 0), ("sep_conv_3x3", 1)], ')
+    parsed = eval(text, {"Genotype": official, "range": range})  # what pasting it into the official code gives
+    assert parsed.normal == [[tuple(e) for e in node] for node in OG_V2.cells["normal"]]
+    assert parsed.reduce == [[tuple(e) for e in node] for node in OG_V2.cells["reduce"]]
+    assert parsed.normal_concat == parsed.reduce_concat == range(2, 5)
+
+
+def test_a_cell_as_dot_has_one_labelled_arrow_per_kept_edge_and_renders_where_dot_is_installed(tmp_path, monkeypatch):
+    dot = OG_V2.to_dot("reduce")
+    assert dot.startswith("digraph cell_reduce {") and dot.rstrip().endswith("}")
+    assert '"c_{k-2}" -> "0" [label="skip_connect"];' in dot and '"c_{k-2}" -> "2" [label="dil_conv_3x3"];' in dot
+    assert '"0" -> "2" [label="conv_1x5_5x1"];' in dot  # input 2 is node 0
+    assert dot.count("[label=") == 6 and dot.count('-> "c_{k}"') == 3
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert [p.name for p in OG_V2.write_dot(tmp_path)] == ["cell_normal.dot", "cell_reduce.dot"]
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "dot").write_text('#!/bin/sh\n# a stand-in for Graphviz: dot -Tsvg IN -o OUT\necho "<svg/>" > "$4"\n')
+    (fake / "dot").chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake))
+    written = [p.name for p in OG_V2.write_dot(tmp_path)]
+    assert written == ["cell_normal.dot", "cell_normal.svg", "cell_reduce.dot", "cell_reduce.svg"]

@@ -30,9 +30,10 @@ def test_smoke_config_writes_the_whole_run_directory(tmp_path, capsys):
     code, out = run(tmp_path, "smoke")
     assert code == 0
     for name in ("config.yaml", "metrics.csv", "genotype.json", "summary.json", "plots/learning_curves.png",
-                 "plots/alphas.png", "plots/cell_normal.png", "plots/cell_reduce.png"):
+                 "plots/alphas.png", "plots/cell_normal.png", "plots/cell_reduce.png", "plots/cell_normal.dot"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert [p.name for p in checkpoint.list_checkpoints(out / "checkpoints")] == ["step_0000005.pt", "step_0000010.pt"]
+    assert "found cells, in the official code's notation: Genotype(normal=[[" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     for key in ("meta_test_accuracy_soft", "meta_test_ci95_soft", "meta_test_accuracy_hard", "meta_test_ci95_hard"):
         assert 0.0 <= summary[key] <= 1.0, key

@@ -12,7 +12,8 @@ import yaml
 from ray import tune
 
 from metanas_ray import run as run_cli
-from metanas_ray import tune as sweep_mod
+import importlib
+sweep_mod = importlib.import_module("metanas_ray.tune")
 from metanas_ray.tune import REPORTED, load_sweep, main, run_sweep, sample_configs
 
 from conftest import ROOT
@@ -143,7 +144,8 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_sess
     results_before = {tid: (out / "tune" / f"trial_{tid}" / "result.json").read_text() for tid in finished}
 
     capsys.readouterr()
-    assert main(["--output", str(out), "--resume", "--verbose", "0"]) == 0
+    import metanas_ray as mr
+    assert mr.tune(None, out, resume=True)["trials"] == 2  # the Python API continues it as --resume does
     rows = _rows(out)
     assert [r["status"] for r in rows] == ["TERMINATED"] * 2
     assert [int(r["meta_steps"]) for r in rows] == [6, 6]  # fifo: every trial runs to the end
