@@ -14,12 +14,15 @@ batch norm uses the statistics of the batch it is given, as in MAML and MetaNAS.
 
 ``--export DIR`` writes the adapted network as TorchScript (``model.pt``: ``torch.jit.load`` needs nothing from this
 package), ``classes.json`` and ``preprocessing.json`` (how to turn an image file into the ``[B, C, H, W]`` float
-tensor the model takes), and ``model.onnx`` when the ``onnx`` package is installed.
+tensor the model takes), and ``model.onnx`` where ``onnx`` and ``onnxscript`` are installed (found networks and
+Conv4: ``torch.export`` cannot record a supernet's data-dependent pruning decisions).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import json
 import logging
 import sys
@@ -230,9 +233,9 @@ def export(model: Adapted, class_names: list[str], pre: Preprocessing, out: str 
     ``model.onnx`` into ``out``."""
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    import warnings
     example = torch.rand(2, pre.channels, pre.image_size, pre.image_size)
     module = model.standalone().eval()
-    import warnings
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the fixed pruning decisions become constants
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in favour of torch.export, but
@@ -243,16 +246,21 @@ def export(model: Adapted, class_names: list[str], pre: Preprocessing, out: str 
     written[1].write_text(json.dumps(class_names, indent=2) + "\n")
     written[2].write_text(json.dumps(pre.to_dict(), indent=2) + "\n")
     try:
-        import onnx  # noqa: F401  (optional: pip install onnx)
+        import onnx  # noqa: F401  (optional: pip install "metanas-ray[onnx]", i.e. onnx and onnxscript)
+        import onnxscript  # noqa: F401
     except ImportError:
-        log.info("no onnx package: model.onnx not written (pip install onnx to have it)")
+        log.info("model.onnx not written: it needs the onnx and onnxscript packages (pip install onnx onnxscript)")
         return written
     try:
-        torch.onnx.export(module, (example,), str(out / "model.onnx"), input_names=["images"],
-                          output_names=["probabilities"], dynamic_axes={"images": {0: "batch"}}, dynamo=False)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example,), str(out / "model.onnx"), input_names=["images"],
+                              output_names=["probabilities"], dynamo=True, verbose=False,
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=2)},))
         written.append(out / "model.onnx")
     except Exception as e:  # the TorchScript file is the export; ONNX is a convenience
-        log.warning("could not write model.onnx: %s", e)
+        log.warning("model.onnx not written: torch.export could not record the network (%s); model.pt holds it",
+                    type(e).__name__)
     return written
 
 

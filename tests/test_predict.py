@@ -158,3 +158,37 @@ def test_the_readme_python_section_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "runs" / "api" / "summary.json").is_file() and (tmp_path / "exported" / "model.pt").is_file()
+
+
+def test_the_onnx_export_of_a_found_network_predicts_what_predict_does(tmp_path):
+    """Only with the optional extra (pip install "metanas-ray[onnx]") and onnxruntime to run it. (A supernet's
+    pruning decisions are data-dependent for torch.export: its export stays TorchScript alone.)"""
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name, reason=f"the optional ONNX export needs {name}")
+    import onnxruntime
+    import torch
+    import metanas_ray as mr
+    cfg = mr.load_config(SMOKE, {"model.kind": "genotype", "model.genotype": "metanas_og_v2", "model.nodes": 3,
+                                 "run.meta_steps": 2, "eval.every": 0, "eval.test_tasks": 2})
+    run = mr.train(cfg, tmp_path / "run", in_process=True)
+    support = _folder(tmp_path / "support", classes=3, per_class=1)
+    predictor = mr.predict(run, support=support)
+    written = predictor.export(tmp_path / "export")
+    assert [p.name for p in written] == ["model.pt", "classes.json", "preprocessing.json", "model.onnx"]
+    x = torch.rand(5, 1, 16, 16)
+    session = onnxruntime.InferenceSession(str(tmp_path / "export" / "model.onnx"))
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(out - predictor(x).numpy()).max() < 1e-5  # the Predictor also takes tensors
+
+
+def test_a_predictor_takes_tensors_and_paths_alike(smoke_run, tmp_path):
+    import torch
+    import metanas_ray as mr
+    support = _folder(tmp_path / "support", classes=2, per_class=1)
+    files = [_image(tmp_path / "q" / f"{i}.png", (16, 16), "L", 90 + i) for i in range(3)]
+    predictor = mr.predict(mr.load_run(smoke_run), support=support)
+    table = predictor(files)
+    x = torch.stack([predictor.preprocessing.load(f) for f in files])
+    probs = predictor(x)
+    assert probs.shape == (3, 2) and list(table["predicted"]) == [f"class_{i}" for i in probs.argmax(-1).tolist()]
+    assert np.allclose(table[["p_class_0", "p_class_1"]].to_numpy(), probs.numpy(), atol=1e-6)
