@@ -3,9 +3,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_official_benchmark_names_a_missing_checkout(tmp_path):
     r = subprocess.run([sys.executable, "-m", "benchmarks.official", "--official-root", str(tmp_path / "metanas"),
                         "--out", str(tmp_path / "out.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -15,6 +18,7 @@ def test_official_benchmark_names_a_missing_checkout(tmp_path):
     assert not (tmp_path / "out.json").exists()
 
 
+@pytest.mark.slow
 def test_official_benchmark_names_a_module_the_official_code_lacks(tmp_path):
     root = tmp_path / "metanas"
     (root / "metanas").mkdir(parents=True)
@@ -27,6 +31,7 @@ def test_official_benchmark_names_a_module_the_official_code_lacks(tmp_path):
     assert not (tmp_path / "out.json").exists()
 
 
+@pytest.mark.slow
 def test_fidelity_benchmark_names_a_missing_checkout(tmp_path):
     out = tmp_path / "results" / "fidelity.json"
     r = subprocess.run([sys.executable, "-m", "benchmarks.fidelity", "--official-root", str(tmp_path / "metanas"),

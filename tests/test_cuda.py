@@ -24,7 +24,13 @@ from metanas_ray.state import build_network, init_state, place
 from conftest import SMOKE
 
 CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not CUDA, reason="PyTorch sees no GPU")
+
+
+def gpu(test):
+    """Needs a CUDA GPU: marked `gpu` (pytest -m gpu runs these alone), skipped without one."""
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="PyTorch sees no GPU")(test))
+
+
 pytestmark = pytest.mark.timeout(300)
 ALL_OPS = ("max_pool_3x3", "avg_pool_3x3", "skip_connect", "conv_1x5_5x1", "conv_3x3", "sep_conv_3x3",
            "dil_conv_3x3", "sep_conv_5x5", "dil_conv_5x5", "none")
@@ -57,6 +63,7 @@ def test_in_process_run_without_its_gpu_stops_before_writing(tmp_path, capsys):
 
 @pytest.mark.parametrize("device, needle", [("meta", "only cpu and cuda"), ("cuda:x", "not a device"),
                                             (f"cuda:{torch.cuda.device_count()}", "CUDA device")])  # one past the last
+@pytest.mark.slow
 def test_evaluate_names_a_bad_device(tmp_path, capsys, device, needle):
     assert main(["--config", str(SMOKE), "--output", str(tmp_path / "r"), "--in-process",
                  "--set", "run.meta_steps=2", "--set", "eval.test_tasks=2", "--set", "eval.every=0"]) == 0
@@ -168,6 +175,7 @@ def test_a_gpu_run_is_read_evaluated_and_resumed_on_the_cpu(tmp_path, capsys):
     assert resumed["device"] == "cuda" and resumed["meta_steps"] == 12
 
 
+@pytest.mark.ray
 @gpu
 def test_ray_train_gpu_worker_meta_trains_on_the_gpu(ray_session, tmp_path):
     if ray_session.cluster_resources().get("GPU", 0) < 1:

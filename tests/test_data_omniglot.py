@@ -257,6 +257,7 @@ def test_task_checks_and_load_splits(fake: dict[str, Path], tmp_path: Path,
         check_tasks(DataConfig(dataset="omniglot", n_way=5, k_shot=1, n_query=20), splits)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"no real Omniglot copy at {REAL}")
 def test_real_omniglot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -371,6 +372,7 @@ def test_unknown_split_name_is_rejected(fake: dict[str, Path], tmp_path: Path) -
         Config().override({"data.split": "lake"})
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"no real Omniglot copy at {REAL}")
 def test_real_omniglot_vinyals_split_has_1028_172_423_characters(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:

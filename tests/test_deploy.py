@@ -48,7 +48,12 @@ def test_ray_up_cluster_yaml():
         _check_command(c)
 
 
-def test_readme_commands():
+def test_readme_commands(tmp_path, monkeypatch):
+    from metanas_ray.genotype_net import load_genotype
+    # a command may use what the quick start leaves (runs/quick/genotype.json): run them beside such a folder
+    (tmp_path / "runs" / "quick").mkdir(parents=True)
+    load_genotype("metanas_og_v2").save(tmp_path / "runs" / "quick" / "genotype.json")
+    monkeypatch.chdir(tmp_path)
     commands = _run_commands((ROOT / "README.md").read_text())
     assert len(commands) >= 3
     for c in commands:

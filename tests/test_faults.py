@@ -61,6 +61,7 @@ def test_a_yaml_section_written_twice_is_an_error_naming_the_key(tmp_path, capsy
         load(tmp_path / "d.yaml")
 
 
+@pytest.mark.slow
 def test_a_config_problem_found_at_data_load_leaves_the_output_free_for_the_same_command(tmp_path, capsys):
     out = tmp_path / "r"
     assert run(out, "--set", "data.n_way=20") == 2  # 20 classes asked for, 12 in each synthetic split
@@ -70,6 +71,7 @@ def test_a_config_problem_found_at_data_load_leaves_the_output_free_for_the_same
     assert run(out, "--set", "data.n_way=5", "--set", "run.meta_steps=2", *QUIET) == 0
 
 
+@pytest.mark.slow
 def test_a_run_that_cannot_find_its_data_is_left_free_and_a_resumed_one_says_how_to_continue(tmp_path, capsys):
     nowhere = ["--set", "data.dataset=omniglot", "--set", "data.download=false", "--data-root", str(tmp_path / "x")]
     assert run(tmp_path / "new", *nowhere) == 2
@@ -101,6 +103,7 @@ def test_no_gpu_says_num_gpus_0_and_num_gpus_0_is_accepted(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------ 2. blow-ups
+@pytest.mark.slow
 def test_a_meta_update_blow_up_names_meta_lr_w_and_resuming_with_a_lower_one_finishes_the_run(tmp_path, capsys):
     every_step = ["--set", "run.checkpoint_every=1", "--set", "run.meta_steps=4", *QUIET]
     assert run(tmp_path / "straight", *every_step) == 0
@@ -122,6 +125,7 @@ def test_a_non_finite_task_loss_stops_with_a_message_and_keeps_the_run_directory
     assert (out / "config.yaml").is_file() and (out / "error.txt").is_file() and not (out / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_a_task_learner_that_diverges_without_overflowing_warns_once_naming_task_lr_w(tmp_path, capsys):
     from metanas_ray import inner_loop
     inner_loop._warned.clear()
@@ -131,6 +135,7 @@ def test_a_task_learner_that_diverges_without_overflowing_warns_once_naming_task
 
 
 # ------------------------------------------------------------------------------------ resume
+@pytest.mark.slow
 def test_resuming_with_fewer_meta_steps_than_done_is_refused_and_changes_nothing(tmp_path, capsys):
     out = tmp_path / "done"
     assert run(out, *QUIET) == 0  # 10 meta-steps, checkpoints at 5 and 10
@@ -142,6 +147,7 @@ def test_resuming_with_fewer_meta_steps_than_done_is_refused_and_changes_nothing
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # refused before any write
 
 
+@pytest.mark.slow
 def test_resume_may_change_the_documented_keys_and_refuses_the_rest_with_the_list(tmp_path, capsys):
     out = tmp_path / "r"
     assert run(out, "--set", "run.meta_steps=2", *QUIET) == 0
@@ -158,6 +164,7 @@ def test_resume_may_change_the_documented_keys_and_refuses_the_rest_with_the_lis
 
 
 # ------------------------------------------------------------------------------------ 5. checkpoints
+@pytest.mark.slow
 def test_a_corrupt_newest_checkpoint_is_skipped_and_the_run_finishes_as_if_undisturbed(tmp_path, capsys):
     assert run(tmp_path / "straight", *QUIET) == 0
     out = tmp_path / "cut"
@@ -172,6 +179,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_the_run_finishes_as_if_undis
     assert_same_result(tmp_path / "straight", out)
 
 
+@pytest.mark.slow
 def test_a_run_whose_only_checkpoint_is_corrupt_says_so_and_loses_nothing(tmp_path, capsys):
     out = tmp_path / "c"
     assert run(out, "--set", "run.meta_steps=5", *QUIET) == 0
@@ -222,6 +230,7 @@ def shared_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_read_only_run_directory_on_resume_is_one_line_and_the_run_then_finishes(shared_tmp, capsys):
     constant = ["--set", "meta.anneal=constant", *QUIET]  # the meta learning rates do not depend on run.meta_steps
     assert run(shared_tmp / "straight", "--set", "run.meta_steps=10", *constant) == 0
@@ -240,6 +249,7 @@ def test_a_read_only_run_directory_on_resume_is_one_line_and_the_run_then_finish
     assert_same_result(shared_tmp / "straight", out)
 
 
+@pytest.mark.slow
 def test_a_checkpoints_folder_that_becomes_unwritable_is_one_line_and_error_txt(shared_tmp, capsys):
     constant = ["--set", "meta.anneal=constant", *QUIET]
     assert run(shared_tmp / "straight", "--set", "run.meta_steps=10", *constant) == 0
@@ -263,7 +273,7 @@ def test_a_checkpoints_folder_that_becomes_unwritable_is_one_line_and_error_txt(
 
 
 # ------------------------------------------------------------------------------------ 3, 12. Ray: signals, a head
-SIGNAL_RUN = ["--set", "run.meta_steps=40", "--set", "run.log_every=5", "--set", "run.checkpoint_every=20", *QUIET]
+SIGNAL_RUN = ["--set", "run.meta_steps=30", "--set", "run.log_every=5", "--set", "run.checkpoint_every=20", *QUIET]
 
 
 @pytest.fixture(scope="module")
@@ -298,17 +308,18 @@ def undisturbed(tmp_path_factory):
     return out
 
 
-def _signal_a_ray_run(env, out: Path, sig: int, whole_group: bool) -> tuple[int, str]:
-    """Start a 2-worker run, send ``sig`` once meta-step 5 is logged (to the driver, or to its whole process
-    group as a terminal's Ctrl+C does), and return its exit code and output."""
+def _signal_a_run(env, out: Path, sig: int, whole_group: bool, where: tuple[str, ...] = ("--num-workers", "2")
+                      ) -> tuple[int, str]:
+    """Start a 2-worker run (or one ``where`` says), send ``sig`` once meta-step 5 is logged (to the driver, or to
+    its whole process group as a terminal's Ctrl+C does), and return its exit code and output."""
     proc = subprocess.Popen([sys.executable, "-m", "metanas_ray.run", "--config", str(SMOKE), "--output", str(out),
-                             "--num-workers", "2", *SIGNAL_RUN], cwd=ROOT, env=env, text=True,
+                             *where, *SIGNAL_RUN], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     lines = []
     try:
         for line in proc.stdout:
             lines.append(line)
-            if "step 5/40" in line:
+            if "step 5/30" in line:
                 (os.killpg if whole_group else os.kill)(proc.pid, sig)
                 break
         lines.append(proc.stdout.read())
@@ -321,7 +332,7 @@ def _signal_a_ray_run(env, out: Path, sig: int, whole_group: bool) -> tuple[int,
 def _assert_stopped_at_a_checkpoint_and_finish(out: Path, rc: int, printed: str, sig: int, undisturbed: Path) -> None:
     assert rc == 128 + sig, printed[-3000:]
     step = checkpoint.load(checkpoint.latest(out / "checkpoints"))["step"]
-    assert 5 <= step < 40
+    assert 5 <= step < 30
     assert (f"stopped by {signal.Signals(sig).name} after meta-step {step}, whose checkpoint is saved; "
             f"continue with: python -m metanas_ray.run --resume {out}") in printed
     assert "Traceback" not in printed and "SIGTERM received" not in printed and not (out / "STOP").exists()
@@ -329,25 +340,36 @@ def _assert_stopped_at_a_checkpoint_and_finish(out: Path, rc: int, printed: str,
     assert_same_result(undisturbed, out)
 
 
+@pytest.mark.slow
+def test_sigterm_stops_an_in_process_run_the_same_way(undisturbed, tmp_path):
+    out = tmp_path / "r"
+    rc, printed = _signal_a_run(dict(os.environ), out, signal.SIGTERM, whole_group=False, where=("--in-process",))
+    _assert_stopped_at_a_checkpoint_and_finish(out, rc, printed, signal.SIGTERM, undisturbed)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
 def test_ctrl_c_stops_a_2_worker_ray_run_at_a_checkpoint_and_resume_finishes_it_as_undisturbed(undisturbed, tmp_path):
     """Ctrl+C reaches the whole process group, Ray's processes too. With no Ray running, the command starts its
     own (not the test session's), and rank 0 alone prints one clean progress line per logged meta-step."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
     out = tmp_path / "r"
-    rc, printed = _signal_a_ray_run(env, out, signal.SIGINT, whole_group=True)
+    rc, printed = _signal_a_run(env, out, signal.SIGINT, whole_group=True)
     assert "Ray: starting a local Ray on 127.0.0.1" in printed
     assert "2 CPU workers" in printed and "spread as [1, 1]" in printed
-    assert printed.count("step 5/40 |") == 1  # rank 0 only
+    assert printed.count("step 5/30 |") == 1  # rank 0 only
     assert "core_worker.cc" not in printed and "Reporting training result" not in printed
     _assert_stopped_at_a_checkpoint_and_finish(out, rc, printed, signal.SIGINT, undisturbed)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_sigterm_stops_a_2_worker_run_that_joined_a_local_head_and_resume_finishes_it_as_undisturbed(
         local_head, undisturbed, tmp_path):
     """SIGTERM (schedulers, Kubernetes) to the driver alone, with the README's `ray start --head` running."""
     out = tmp_path / "r"
-    rc, printed = _signal_a_ray_run(local_head, out, signal.SIGTERM, whole_group=False)
+    rc, printed = _signal_a_run(local_head, out, signal.SIGTERM, whole_group=False)
     assert "Ray: joining the Ray already running here at 127.0.0.1:" in printed  # said in one line
     _assert_stopped_at_a_checkpoint_and_finish(out, rc, printed, signal.SIGTERM, undisturbed)
 

@@ -57,6 +57,7 @@ def test_drop_path_masks_spare_the_identity_and_scale_the_rest(smoke_cfg):
                 assert set(m[:, k].unique().tolist()) == {0.0, 1.25} and 0.1 < (m[:, k] == 0).float().mean() < 0.3
 
 
+@pytest.mark.slow
 def test_a_genotype_run_meta_trains_resumes_and_reports_its_parameter_count(tmp_path):
     """The smoke run with the published cells: drop-path, Adam with kept moments, weight decay; 10 meta-steps,
     then a resume from meta-step 5 ends at the same weights."""
@@ -82,6 +83,7 @@ def test_a_genotype_run_meta_trains_resumes_and_reports_its_parameter_count(tmp_
 
 @pytest.mark.parametrize("name", ["omniglot_20way_1shot_upscaled", "miniimagenet_5way_1shot_upscaled",
                                   "miniimagenet_5way_5shot_upscaled"])
+@pytest.mark.slow
 def test_an_upscaled_config_runs_on_synthetic_data(tmp_path, name):
     cfg = load(ROOT / "tune_configs" / f"{name}.yaml")
     small = ["data.dataset=synthetic", f"data.image_size={min(cfg.data.image_size, 28)}",
@@ -93,3 +95,11 @@ def test_an_upscaled_config_runs_on_synthetic_data(tmp_path, name):
     assert main(args + [a for kv in small for a in ("--set", kv)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["meta_steps"] == 2 and summary["model"] == "genotype" and summary["n_way"] == cfg.data.n_way
+
+
+@pytest.mark.parametrize("name", sorted(published()))
+def test_every_shipped_genotype_builds_and_classifies(smoke_cfg, name):
+    cfg = smoke_cfg.override({"model.kind": "genotype", "model.genotype": name})
+    net = build_network(cfg, 1)
+    assert published()[name]["source"].startswith("boschresearch/metanas")
+    assert net(torch.rand(2, 1, 16, 16)).shape == (2, 5)

@@ -11,7 +11,7 @@ import pytest
 from conftest import free_port, kill_processes_mentioning
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 def test_ray_job_submit_runs_a_tiny_run(tmp_path):

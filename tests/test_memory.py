@@ -39,6 +39,7 @@ def _faults(mb: int) -> tuple[bool, list[int], int]:
     return out[0] == "True", [int(v) for v in out[1].split()], int(out[2])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_libc() is None, reason="glibc only")
 def test_kept_memory_makes_later_tasks_fault_free():
     took, tasks, block = _faults(1024)

@@ -48,6 +48,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_factorized_reduce_is_the_stride_2_convs_and_survives_nhwc_backward():
     done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=110)

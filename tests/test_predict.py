@@ -131,6 +131,7 @@ print(worst)
 '''
 
 
+@pytest.mark.slow
 def test_the_export_predicts_what_predict_printed_without_this_package(smoke_run, tmp_path):
     support = _folder(tmp_path / "support", classes=3, per_class=2)
     query = _folder(tmp_path / "query", classes=3, per_class=2, seed=11)
@@ -145,6 +146,7 @@ def test_the_export_predicts_what_predict_printed_without_this_package(smoke_run
     assert float(done.stdout.strip()) < 1e-5
 
 
+@pytest.mark.slow
 def test_the_readme_python_section_runs_as_written(tmp_path, monkeypatch):
     """The ``python`` block of README.md's "From Python", in a folder with the configs and the user's images."""
     from conftest import ROOT
@@ -160,6 +162,7 @@ def test_the_readme_python_section_runs_as_written(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "api" / "summary.json").is_file() and (tmp_path / "exported" / "model.pt").is_file()
 
 
+@pytest.mark.slow
 def test_the_onnx_export_of_a_found_network_predicts_what_predict_does(tmp_path):
     """Only with the optional extra (pip install "metanas-ray[onnx]") and onnxruntime to run it. (A supernet's
     pruning decisions are data-dependent for torch.export: its export stays TorchScript alone.)"""

@@ -19,7 +19,7 @@ from metanas_ray.run import main
 
 from conftest import OFFICIAL, SMOKE
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def _cfg(smoke_cfg, workers, **extra):

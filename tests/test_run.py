@@ -26,6 +26,7 @@ def _final_state(out):
     return checkpoint.load(checkpoint.latest(out / "checkpoints"))
 
 
+@pytest.mark.slow
 def test_smoke_config_writes_the_whole_run_directory(tmp_path, capsys):
     code, out = run(tmp_path, "smoke")
     assert code == 0
@@ -51,6 +52,7 @@ def test_smoke_config_writes_the_whole_run_directory(tmp_path, capsys):
     assert again["tasks"] == 4 and again["split"] == "val" and 0 <= again["accuracy_hard"] <= 1
 
 
+@pytest.mark.slow
 def test_a_meta_step_changes_w_and_alpha_and_seed_determines_everything(tmp_path, smoke_cfg):
     from metanas_ray.state import build_network, init_state
     cfg = smoke_cfg.override({"run.meta_steps": 2, "run.checkpoint_every": 1, "eval.every": 0, "eval.test_tasks": 2})
@@ -85,6 +87,7 @@ class CrashAfter(Recorder):
             raise _Crash()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [{}, OFFICIAL], ids=["ours", "official_options"])
 def test_resume_is_bit_identical(tmp_path, smoke_cfg, options):
     from metanas_ray.rundir import RunDir
@@ -113,6 +116,7 @@ def test_resume_is_bit_identical(tmp_path, smoke_cfg, options):
     assert rows_a == rows_b
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
     code, out = run(tmp_path, "x", "--set", "run.meta_steps=2", "--set", "eval.every=0")
     assert code == 0
@@ -122,6 +126,7 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_a_run_finished_with_resume_drops_the_error_of_its_earlier_stop(tmp_path, smoke_cfg):
     cfg = smoke_cfg.override({"run.meta_steps": 2, "eval.every": 0})
     out = RunDir(tmp_path / "stopped").create(cfg)
@@ -145,6 +150,7 @@ def test_bad_input_gets_one_clear_message(tmp_path, capsys, args, needle):
     assert err.startswith("error: ") and needle in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["omniglot_20way_1shot", "omniglot_20way_5shot"])
 def test_a_paper_config_runs_on_synthetic_data(tmp_path, name):
     """The faithful configs as they are, on synthetic 28×28 images, shrunk only in size and length."""

@@ -18,7 +18,7 @@ from metanas_ray.tune import REPORTED, load_sweep, main, run_sweep, sample_confi
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
 SWEEP_SMOKE = ROOT / "tune_configs" / "sweep_smoke.yaml"
 OUTPUTS = ("trials.csv", "best_config.yaml", "summary.json", "plots/val_curves.png", "plots/search_values.png",
