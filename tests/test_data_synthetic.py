@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 import torch
@@ -12,9 +11,7 @@ from metanas_ray.data import TaskSampler, check_tasks, load_splits, make_synthet
 
 
 def test_shapes_and_determinism() -> None:
-    start = time.perf_counter()
     s = make_synthetic(n_classes=40, per_class=12, image_size=28)
-    assert time.perf_counter() - start < 2.0  # ~0.1 s on an idle core; generous for a loaded CI box
     assert (s.name, s.channels, s.image_size) == ("synthetic", 1, 28)
     for split in ("train", "val", "test"):
         pool = s.pool(split)

