@@ -25,10 +25,20 @@ from torch import nn
 from .comm import LocalComm, my_share
 from .config import Config
 from .data import TaskSampler
+from .data.tasks import split_label
 from .inner_loop import Moments, Temperature, accuracy, adapt, eval_task_config
 from .state import State, place
 
 log = logging.getLogger(__name__)
+
+
+PROGRESS_SECONDS = 15.0  # a progress line at most this often while tasks are evaluated (rank 0)
+
+
+def eta(seconds: float) -> str:
+    """``seconds`` as 4m05s or 1h07m."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _mean_ci(total: float, total_sq: float, n: int) -> tuple[float, float]:
@@ -56,8 +66,10 @@ def meta_test(net: nn.Module, state: State, sampler: TaskSampler, n_tasks: int, 
     saved = getattr(net, "threshold", None)
     if threshold is not None and saved is not None:
         net.threshold = threshold
+    mine = my_share(n_tasks, comm)
+    t0 = last = time.perf_counter()
     try:
-        for i in my_share(n_tasks, comm):
+        for done, i in enumerate(mine, 1):
             task = sampler.sample(0, i).to(device)
             adapted, _ = adapt(net, state, task.x_train, task.y_train, task_cfg, cfg.eval.steps, learn_arch,
                                arch_steps=arch_steps, hold_tau=hold_tau, generator=task.generator(),
@@ -66,6 +78,13 @@ def meta_test(net: nn.Module, state: State, sampler: TaskSampler, n_tasks: int, 
             pruned = (accuracy(net, adapted, task.x_query, task.y_query, tau, hard=True, bf16=cfg.task.bf16)[0]
                       if hard else soft)
             sums += torch.tensor([1.0, soft, soft * soft, pruned, pruned * pruned], dtype=torch.float64)
+            now = time.perf_counter()
+            if comm.rank == 0 and now - last >= PROGRESS_SECONDS and done < len(mine):
+                last = now
+                log.info("%s: %d of %d tasks | soft accuracy %.1f%% so far%s | %s left", split_label(sampler.split),
+                         done * comm.world,
+                         n_tasks, 100 * float(sums[1]) / done, " (this worker's tasks)" if comm.world > 1 else "",
+                         eta((len(mine) - done) * (now - t0) / done))
     finally:
         if saved is not None:
             net.threshold = saved

@@ -25,7 +25,7 @@ import torch
 from .comm import LocalComm, my_share
 from .config import Config
 from .data import MetaSplits, check_tasks, load_splits
-from .evaluate import meta_test, meta_test_threshold
+from .evaluate import eta, meta_test, meta_test_threshold
 from .genotype import derive
 from .inner_loop import Moments, NonFiniteLossError, Temperature, run_task
 from .interrupt import Stopped
@@ -134,11 +134,6 @@ def _norm(tensors: dict) -> float:
     return math.sqrt(sum(float(torch.linalg.vector_norm(v.double())) ** 2 for v in tensors.values()))
 
 
-def _eta(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.device = "cpu",
                resume: dict[str, Any] | None = None, splits: MetaSplits | None = None,
                final_test: bool = True) -> dict[str, Any]:
@@ -244,7 +239,7 @@ def meta_train(cfg: Config, recorder: Recorder, comm=None, device: str | torch.d
                 val_txt = f" | meta-val {row['val_accuracy']:.3f} ± {row['val_ci95']:.3f}" if validate else ""
                 log.info("step %d/%d | meta-train acc %.3f loss %.3f%s | %.1f tasks/s | %s left",
                          done, T, row["train_accuracy"], row["train_loss"], val_txt, row["tasks_per_second"],
-                         _eta(left))
+                         eta(left))
         payload = None
         if done % cfg.run.checkpoint_every == 0 or done == T or stopping:
             payload = {"step": done, "state": clone(state, "cpu"), "meta_optimizer": learner.state_dict(),

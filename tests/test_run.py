@@ -165,3 +165,20 @@ def test_a_paper_config_runs_on_synthetic_data(tmp_path, name):
     assert summary["meta_steps"] == 2 and summary["n_way"] == 20 and 0 <= summary["meta_test_accuracy_soft"] <= 1
     genotype = json.loads((out / "genotype.json").read_text())
     assert all(len(node) == 2 for node in genotype["normal"])  # pairwise input weights: two inputs per node
+
+
+def test_meta_testing_prints_its_progress_with_the_running_accuracy_and_an_eta(smoke_cfg, synthetic_splits,
+                                                                             caplog, monkeypatch):
+    import re
+    import metanas_ray.evaluate as ev
+    from metanas_ray.data import check_tasks
+    from metanas_ray.state import build_network, init_state
+    monkeypatch.setattr(ev, "PROGRESS_SECONDS", 0.0)  # a line after every task (15 s apart otherwise)
+    net = build_network(smoke_cfg, synthetic_splits.channels)
+    sampler = check_tasks(smoke_cfg.data, synthetic_splits)["test"]
+    with caplog.at_level("INFO", logger="metanas_ray"):
+        ev.meta_test(net, init_state(smoke_cfg, net), sampler, 3, smoke_cfg)
+    lines = [r.getMessage() for r in caplog.records if "tasks | soft accuracy" in r.getMessage()]
+    assert len(lines) == 2  # none after the last task: the result follows
+    assert all(re.fullmatch(r"meta-test: \d of 3 tasks \| soft accuracy [\d.]+% so far \| \dm\d\ds left", x)
+               for x in lines), lines
