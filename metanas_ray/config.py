@@ -6,6 +6,10 @@ first-order MAML), ``eval`` (meta-validation and Algorithm 3) and ``run`` / ``sc
 
 Keys are addressed with dots everywhere (YAML nesting, ``--set task.lr_w=0.1``, Tune search spaces).
 Unknown keys and out-of-range values raise :class:`ConfigError` with the offending key in the message.
+:func:`describe` prints every key with its default and the comment beside it here (``--print-config``).
+
+Past 400 lines because every key lives here once: its type, default and meaning (the dataclasses), the
+range checks that name it (:func:`validate`) and what ``--resume`` may change (:data:`RESUMABLE`).
 """
 from __future__ import annotations
 
@@ -344,6 +348,45 @@ def flat_keys(cfg: Config | None = None) -> dict[str, Any]:
                 out[prefix + k] = v
         return out
     return walk((cfg or Config()).to_dict(), "")
+
+
+def _comments() -> dict[str, str]:
+    """The comment after each field in this file's dataclasses: ``{"data.n_way": "N classes per task", ...}``."""
+    import inspect
+    out: dict[str, str] = {}
+    for section, cls in (("data", DataConfig), ("model", ModelConfig), ("task", TaskLearnerConfig),
+                         ("meta", MetaConfig), ("eval", EvalConfig), ("run", RunConfig), ("scale", ScaleConfig)):
+        lines = inspect.getsource(cls).splitlines()
+        names = {f.name for f in fields(cls)}
+        for i, line in enumerate(lines):
+            name = line.strip().split(":", 1)[0]
+            if name in names and "#" in line:
+                text = line.split("#", 1)[1].strip()
+                # a comment continued on the following comment-only lines
+                for more in lines[i + 1:]:
+                    if more.strip().startswith("#") and not more.strip().split(":", 1)[0] in names:
+                        text += " " + more.strip().lstrip("#").strip()
+                    else:
+                        break
+                out[f"{section}.{name}"] = text
+    return out
+
+
+def describe(cfg: Config) -> str:
+    """Every key of ``cfg`` as YAML, with its default where it differs and what it means (``--print-config``)."""
+    defaults, comments = flat_keys(), _comments()
+    lines, section = [], ""
+    for key, value in flat_keys(cfg).items():
+        s, name = key.split(".", 1)
+        if s != section:
+            lines.append(f"{s}:")
+            section = s
+        text = yaml.safe_dump({name: value}, default_flow_style=True, width=10_000).strip()[1:-1]
+        note = comments.get(key, "")
+        if value != defaults[key]:
+            note = f"(default: {defaults[key]!r}) {note}".strip()
+        lines.append(f"  {text}" + (f"  # {note}" if note else ""))
+    return "\n".join(lines) + "\n"
 
 
 _DATASETS = ("omniglot", "miniimagenet", "folder", "synthetic")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from . import checkpoint
-from .config import RESUMABLE, Config, ConfigError, load, parse_overrides, resumable
+from .config import RESUMABLE, Config, ConfigError, describe, load, parse_overrides, resumable
 from .data import DataError
 from .inner_loop import NonFiniteLossError
 from .interrupt import StopOnSignal, Stopped
@@ -46,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (scale.address; default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--in-process", action="store_true",
                    help="run the loop in this process, without Ray (on the GPU with --num-gpus 1)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (every key, its default where it differs, what it means) and exit")
     return p
 
 
@@ -105,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     run = None  # set once this invocation owns the run directory
     stop = None
     try:
+        if args.print_config:
+            print(describe(resolve(args)[0]), end="")
+            return 0
         cfg, target, payload = resolve(args)
         device = in_process_device(cfg) if args.in_process else None  # checked before the run directory
         if args.resume:

@@ -182,3 +182,17 @@ def test_meta_testing_prints_its_progress_with_the_running_accuracy_and_an_eta(s
     assert len(lines) == 2  # none after the last task: the result follows
     assert all(re.fullmatch(r"meta-test: \d of 3 tasks \| soft accuracy [\d.]+% so far \| \dm\d\ds left", x)
                for x in lines), lines
+
+
+def test_print_config_shows_every_key_its_default_and_meaning_and_writes_nothing(tmp_path, capsys):
+    import yaml
+    from metanas_ray.config import flat_keys, load
+    out = tmp_path / "never"
+    assert main(["--config", str(SMOKE), "--set", "task.lr_w=0.05", "--output", str(out), "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert not out.exists()
+    cfg = load(SMOKE, {"task.lr_w": 0.05})
+    assert yaml.safe_load(printed) == cfg.to_dict()  # a config file as it is: --config accepts it
+    assert "  lr_w: 0.05  # (default: 0.1) λ_task, SGD learning rate of the weights w" in printed
+    assert "  k_shot: 1  # k training images per class (the task's D_train)" in printed  # the default: no note
+    assert sum(1 for line in printed.splitlines() if line.startswith("  ")) == len(flat_keys())
