@@ -1,4 +1,5 @@
 """The benchmarks' own error paths (their timings run outside CI)."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,17 @@ def test_fidelity_benchmark_names_a_missing_checkout(tmp_path):
     assert "no official MetaNAS checkout" in r.stderr
     assert "git clone https://github.com/boschresearch/metanas" in r.stderr
     assert not out.parent.exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_budget_benchmark_keeps_a_checkpoint_per_budget_and_meta_tests_it(tmp_path):
+    out = tmp_path / "budget.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.budget", "--budgets", "2", "4", "--test-tasks", "2",
+                           "--every", "2", "--in-process", "--variant", "smoke=tune_configs/smoke.yaml",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    points = json.loads(out.read_text())["results"]["smoke"]
+    assert [p["budget_seconds"] for p in points] == [2, 4]
+    assert all(p["seconds"] >= p["budget_seconds"] and 0 <= p["accuracy_soft"] <= 1 for p in points)
+    assert points[0]["meta_steps"] < points[1]["meta_steps"]
+    assert out.with_suffix(".png").stat().st_size > 0
