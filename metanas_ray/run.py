@@ -1,7 +1,7 @@
 """Meta-train a MetaNAS run end to end: ``python -m metanas_ray.run``.
 
     python -m metanas_ray.run                                    # the default: Omniglot 20-way 1-shot
-    python -m metanas_ray.run --config tune_configs/quick.yaml   # Omniglot 5-way 1-shot, ~10 min on 2 cores
+    python -m metanas_ray.run --config tune_configs/quick.yaml   # Omniglot 5-way 1-shot, ~11 min on 2 cores
     python -m metanas_ray.run --config tune_configs/smoke.yaml --output runs/smoke
     python -m metanas_ray.run --config tune_configs/quick.yaml --num-workers 2
     python -m metanas_ray.run --num-gpus 8 --set meta.meta_batch=16   # on a GPU cluster (or ray job submit)

@@ -54,7 +54,8 @@ def test_readme_commands(tmp_path, monkeypatch):
     (tmp_path / "runs" / "quick").mkdir(parents=True)
     load_genotype("metanas_og_v2").save(tmp_path / "runs" / "quick" / "genotype.json")
     monkeypatch.chdir(tmp_path)
-    commands = _run_commands((ROOT / "README.md").read_text())
+    commands = [c for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+                for c in _run_commands(page.read_text())]
     assert len(commands) >= 3
     for c in commands:
         _check_command(c)
