@@ -50,14 +50,11 @@ def load_run(path: str | Path) -> Run:
     """Read the run directory ``path`` (its newest readable checkpoint)."""
     import pandas as pd
 
-    from . import checkpoint
-    from .rundir import RunDir, RunDirError
+    from .rundir import RunDir
 
     run = RunDir(path)
     cfg = run.open_existing()
-    found = checkpoint.load_latest(run.checkpoints)
-    if not found:
-        raise RunDirError(f"{run.path} has no checkpoint yet")
+    found = run.load_checkpoint()
     metrics = pd.read_csv(run.metrics_file) if run.metrics_file.is_file() else pd.DataFrame()
     genotype = Genotype.load(run.genotype_file) if run.genotype_file.is_file() else None
     summary = json.loads(run.summary_file.read_text()) if run.summary_file.is_file() else None

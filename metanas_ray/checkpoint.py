@@ -30,6 +30,11 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}.pt"
 
 
+def step_of(path: str | Path) -> int:
+    """The meta-step in a checkpoint's file name (``step_0000040.pt`` → 40), without reading the file."""
+    return int(_NAME.match(Path(path).name).group(1))
+
+
 def save(path: str | Path, payload: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .comm import LocalComm, my_share
-from .config import Config
+from .config import Config, TaskLearnerConfig
 from .data import TaskSampler
 from .data.tasks import split_label
 from .inner_loop import Moments, Temperature, accuracy, adapt, eval_task_config
@@ -57,10 +57,7 @@ def meta_test(net: nn.Module, state: State, sampler: TaskSampler, n_tasks: int, 
     τ held with ``hold_tau``) with :func:`~.inner_loop.eval_task_config`, from the meta-learned Adam ``moments``
     when there are any (every task from the same ones), soft-pruned at ``threshold`` (None: the network's)."""
     comm = comm or LocalComm()
-    task_cfg = eval_task_config(cfg)
-    arch_steps = None if cfg.eval.arch_steps < 0 else cfg.eval.arch_steps
-    _, tau = Temperature.from_config(task_cfg).schedule_for(cfg.eval.steps, arch_steps if learn_arch else None,
-                                                           hold_tau)
+    task_cfg, arch_steps, tau = test_protocol(cfg, learn_arch, hold_tau)
     hard = hard and bool(state["alphas"])
     sums = torch.zeros(5, dtype=torch.float64)
     saved = getattr(net, "threshold", None)
@@ -94,6 +91,17 @@ def meta_test(net: nn.Module, state: State, sampler: TaskSampler, n_tasks: int, 
     hard_mean, hard_ci = _mean_ci(float(sums[3]), float(sums[4]), n)
     return {"accuracy_soft": soft_mean, "ci95_soft": soft_ci, "accuracy_hard": hard_mean, "ci95_hard": hard_ci,
             "tasks": n}
+
+
+def test_protocol(cfg: Config, learn_arch: bool = True, hold_tau: bool = False
+                  ) -> tuple[TaskLearnerConfig, int | None, tuple[float, float]]:
+    """Algorithm 3's adaptation as ``cfg.eval`` sets it: the task-learner config
+    (:func:`~.inner_loop.eval_task_config`), the steps in which α adapts (None: all) and the final τ."""
+    task_cfg = eval_task_config(cfg)
+    arch_steps = None if cfg.eval.arch_steps < 0 else cfg.eval.arch_steps
+    _, tau = Temperature.from_config(task_cfg).schedule_for(cfg.eval.steps, arch_steps if learn_arch else None,
+                                                           hold_tau)
+    return task_cfg, arch_steps, tau
 
 
 def meta_test_threshold(cfg: Config) -> float:
@@ -138,11 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = _device(args.device)
         run = RunDir(args.run_dir)
-        found = (checkpoint.load(args.checkpoint), args.checkpoint) if args.checkpoint else \
-            checkpoint.load_latest(run.checkpoints)
-        if not found:
-            raise RunDirError(f"{run.path} has no checkpoint to evaluate")
-        payload, ckpt_path = found
+        payload, ckpt_path = run.load_checkpoint(args.checkpoint, "to evaluate")
         cfg = run.open_existing()
         if args.data_root:
             cfg = cfg.override({"data.root": args.data_root})
@@ -154,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory(cfg.run.keep_freed_memory_mb)
         n = args.tasks or (cfg.eval.test_tasks if args.split == "test" else cfg.eval.val_tasks)
         t0 = time.perf_counter()
-        moments = payload.get("task_optimizer")
-        moments = Moments.from_state_dict(moments, device) if moments is not None else None
+        moments = Moments.of_checkpoint(payload, device)
         result = meta_test(net, place(net, payload["state"], device), sampler, n, cfg, device=device,
                            moments=moments, threshold=meta_test_threshold(cfg) if args.split == "test" else None)
     except (RunDirError, checkpoint.CheckpointError, DataError, ValueError) as e:

@@ -18,7 +18,7 @@ Options that reproduce the official code (``tune_configs/omniglot_20way_1shot.ya
   ``task.adam_moments: kept`` carries v from task to task (:class:`Moments`) instead of starting every task at 0;
 * ``task.alpha_weight_decay`` δ_α: the L2 term above (Adam's ``weight_decay`` in the official code);
 * ``task.batch_sampling: random``: each step trains on ``batch_size`` images drawn with replacement from D_train;
-* ``task.drop_path`` p: drop-path in meta-training tasks (:func:`~.search_space.drop_path_masks`);
+* ``task.drop_path`` p: drop-path in meta-training tasks (each network's ``drop_path_masks``);
 * ``arch_steps`` (Algorithm 3 as the official meta-test runs it): α and τ adapt during the first ``arch_steps``
   steps only, then w alone at the final τ; ``hold_tau`` keeps τ at its start (the official warm-up).
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-from functools import partial
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -40,7 +39,7 @@ from torch.func import functional_call
 
 from .config import TaskLearnerConfig
 from .genotype import hard_mixture
-from .search_space import drop_path_masks, mixture
+from .search_space import mixture
 from .state import State, clone
 
 if TYPE_CHECKING:
@@ -136,6 +135,12 @@ class Moments:
     def from_state_dict(d: dict, device: torch.device | str = "cpu") -> "Moments":
         return Moments(d["v"], {p: int(n) for p, n in d["t"].items()}).copy(device)
 
+    @staticmethod
+    def of_checkpoint(payload: dict, device: torch.device | str = "cpu") -> "Moments | None":
+        """The meta-learned moments a checkpoint carries (``task.adam_moments: kept``), or None."""
+        d = payload.get("task_optimizer")
+        return Moments.from_state_dict(d, device) if d is not None else None
+
 
 def mixture_of(net: nn.Module, params: State, tau: tuple[float, float], hard: bool = False) -> dict[str, torch.Tensor]:
     """The supernet's mixture weights at ``params``' α, β and ``tau`` (soft-pruned as the network says, or hard-pruned
@@ -218,8 +223,8 @@ def adapt(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, cfg: 
         xb, yb = (x, y) if batch is None else (x[batch], y[batch])
         arch = learn_arch and (arch_steps is None or step < arch_steps)
         w_list, a_list = list(w.values()), list(a.values()) if arch else []
-        masks = getattr(net, "drop_path_masks", None) or partial(drop_path_masks, net)  # the found network's own
-        drop = masks(len(yb), drop_path, generator, x.device) if drop_path > 0 else None
+        # each network draws masks of its own shape (the supernet's per operation, the found network's per edge)
+        drop = net.drop_path_masks(len(yb), drop_path, generator, x.device) if drop_path > 0 else None
         logits = forward(net, {"weights": w, "alphas": a}, xb, taus[step], bf16=cfg.bf16, drop=drop)
         loss = F.cross_entropy(logits, yb)
         value = float(loss.detach())

@@ -190,36 +190,28 @@ class Run:
 
 
 def load_run(run_dir: str | Path, checkpoint_file: str | Path | None = None, device: str = "cpu") -> Run:
-    from . import checkpoint
     from .inner_loop import Moments
-    from .rundir import RunDir, RunDirError
+    from .rundir import RunDir
     from .state import build_network, place
 
     run = RunDir(run_dir)
     cfg = run.open_existing()
-    found = (checkpoint.load(checkpoint_file), checkpoint_file) if checkpoint_file else \
-        checkpoint.load_latest(run.checkpoints)
-    if not found:
-        raise RunDirError(f"{run.path} has no checkpoint to predict with")
-    payload = found[0]
+    payload, _ = run.load_checkpoint(checkpoint_file, "to predict with")
     first = next(v for v in payload["state"]["weights"].values() if v.dim() == 4)  # the stem's convolution
     channels = int(first.shape[1])
     net = build_network(cfg, channels)
-    moments = payload.get("task_optimizer")
-    moments = Moments.from_state_dict(moments, device) if moments is not None else None
-    return Run(cfg, net, place(net, payload["state"], device), moments, preprocessing_of(cfg, channels), run.path)
+    return Run(cfg, net, place(net, payload["state"], device), Moments.of_checkpoint(payload, device),
+               preprocessing_of(cfg, channels), run.path)
 
 
 def adapt_to(run: Run, x: torch.Tensor, y: torch.Tensor, hard: bool = False, n_classes: int | None = None) -> Adapted:
     """Algorithm 3's adaptation of the run's meta-learned model to one support set (x ``[B, C, H, W]``, y ``[B]``)."""
-    from .evaluate import meta_test_threshold
-    from .inner_loop import Temperature, adapt, eval_task_config
+    from .evaluate import meta_test_threshold, test_protocol
+    from .inner_loop import adapt
 
     cfg = run.cfg
-    task_cfg = eval_task_config(cfg)
-    arch_steps = None if cfg.eval.arch_steps < 0 else cfg.eval.arch_steps
     learn_arch = bool(run.state["alphas"])
-    _, tau = Temperature.from_config(task_cfg).schedule_for(cfg.eval.steps, arch_steps)
+    task_cfg, arch_steps, tau = test_protocol(cfg, learn_arch)
     if hasattr(run.net, "threshold"):
         run.net.threshold = meta_test_threshold(cfg)
     adapted, _ = adapt(run.net, run.state, x, y, task_cfg, cfg.eval.steps, learn_arch, arch_steps=arch_steps,

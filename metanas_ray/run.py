@@ -151,7 +151,7 @@ def _after_error(run: RunDir, e: Exception) -> None:
     except RunDirError:  # an unwritable run directory: the message above is all there is
         pass
     last = run.latest_checkpoint()
-    kept = f"it keeps its checkpoint of meta-step {int(last.stem.split('_')[1])}; " if last else ""
+    kept = f"it keeps its checkpoint of meta-step {checkpoint.step_of(last)}; " if last else ""
     print(f"the run directory keeps what was written ({kept}nothing else is lost); once fixed, continue with: "
           f"python -m metanas_ray.run --resume {run.path} (--data-root, --num-workers, --num-gpus, --address and "
           f"--set for the keys that --resume may change)", file=sys.stderr)
@@ -169,7 +169,7 @@ def _after_stop(run: RunDir | None, e: BaseException, stop: StopOnSignal | None)
     else:
         last = run.latest_checkpoint()
         why = f": {e}" if str(e) else ""
-        where = (f"at once{why}; the last checkpoint is of meta-step {int(last.stem.split('_')[1])}" if last else
+        where = (f"at once{why}; the last checkpoint is of meta-step {checkpoint.step_of(last)}" if last else
                  f"at once{why}, before its first checkpoint")
     print(f"stopped by {name} {where}; continue with: python -m metanas_ray.run --resume {run.path}",
           file=sys.stderr)

@@ -124,6 +124,16 @@ class RunDir:
     def latest_checkpoint(self) -> Path | None:
         return checkpoint.latest(self.checkpoints)
 
+    def load_checkpoint(self, path: str | Path | None = None, purpose: str = "yet") -> tuple[dict[str, Any], Path]:
+        """The payload and path of checkpoint ``path``, or of the run's newest readable one; a RunDirError says
+        the run has none ``purpose`` (e.g. "to evaluate")."""
+        if path:
+            return checkpoint.load(path), Path(path)
+        found = checkpoint.load_latest(self.checkpoints)
+        if not found:
+            raise RunDirError(f"{self.path} has no checkpoint {purpose}")
+        return found
+
     # -- writing ------------------------------------------------------------------------------------------------
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """(Re)write metrics.csv from all rows so far: after a restart it has no gap and no duplicate."""

@@ -180,6 +180,10 @@ class SearchNetwork(nn.Module):
             s0, s1 = s1, cell(s0, s1, mix["reduce" if cell.reduction else "normal"], threshold, mix.get(f"drop_{l}"))
         return self.classifier(s1.mean(dim=(2, 3)))
 
+    def drop_path_masks(self, batch: int, p: float, generator: torch.Generator,
+                        device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        return drop_path_masks(self, batch, p, generator, device)
+
 
 def cell_types(cfg: ModelConfig) -> list[str]:
     has_reduce = any(0 <= i < cfg.layers for i in cfg.reduction_layers)
