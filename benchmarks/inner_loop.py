@@ -171,6 +171,7 @@ def accuracy_module(net: nn.Module, adapted, x, y, tau) -> float:
 def annealed_alphas(alphas: dict[str, torch.Tensor], n_ops: int, nodes: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """+10 on one random operation per edge (α) and on two random inputs per node (β), 0 elsewhere: after the
     softmax, even at temperature 1, each of the rest weighs < 1e-4."""
+    from metanas_ray.search_space import node_edges
     g = torch.Generator().manual_seed(seed)
     out = {}
     for key, v in alphas.items():
@@ -178,10 +179,9 @@ def annealed_alphas(alphas: dict[str, torch.Tensor], n_ops: int, nodes: int, see
             a = torch.zeros_like(v)
             a[torch.arange(v.shape[0]), torch.randint(0, n_ops, (v.shape[0],), generator=g)] = 10.0
         else:
-            a, start = torch.zeros_like(v), 0
-            for j in range(nodes):
-                a[start + torch.randperm(j + 2, generator=g)[:2]] = 10.0
-                start += j + 2
+            a = torch.zeros_like(v)
+            for own in node_edges(nodes):
+                a[own.start + torch.randperm(len(own), generator=g)[:2]] = 10.0
         out[key] = a
     return out
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .search_space import edges, mixture, node_sizes, pairs
+from .search_space import edges, mixture, node_edges, node_sizes, pairs
 
 Cell = list[list[tuple[str, int]]]
 
@@ -102,19 +102,17 @@ def derive(alphas: dict[str, torch.Tensor], ops: tuple[str, ...], nodes: int, k:
             op_w = torch.softmax(alphas[key], dim=-1)
             strength, best = op_w.max(dim=-1)
             cell: Cell = []
-            start = 0
             pair_logits = alphas.get(f"beta_pair_{t}")
             pair_groups = pair_logits.split(node_sizes(nodes, True)) if pair_logits is not None else None
             node_pairs = [[(a, b) for (jj, a, b) in pairs(nodes) if jj == j] for j in range(nodes)]
-            for j in range(nodes):
-                n_in = j + 2
+            for j, own in enumerate(node_edges(nodes)):
                 if pair_groups is not None:
                     keep = list(node_pairs[j][int(pair_groups[j].argmax())])
                 else:
-                    score = torch.softmax(alphas[f"beta_{t}"][start:start + n_in], dim=0) * strength[start:start + n_in]
-                    keep = sorted(score.topk(min(k, n_in)).indices.tolist())
-                cell.append([(ops[int(best[start + i])], i) for i in keep])
-                start += n_in
+                    rows = slice(own.start, own.stop)
+                    score = torch.softmax(alphas[f"beta_{t}"][rows], dim=0) * strength[rows]
+                    keep = sorted(score.topk(min(k, len(own))).indices.tolist())
+                cell.append([(ops[int(best[own[i]])], i) for i in keep])
             cells[t] = cell
     return Genotype(cells, nodes)
 
@@ -127,13 +125,13 @@ def hard_mixture(alphas: dict[str, torch.Tensor], ops: tuple[str, ...], nodes: i
     gone), as the official sparsified forward pass computes it."""
     genotype = derive(alphas, ops, nodes)
     soft = mixture(alphas, tau[0], tau[1], nodes)
-    index = {e: n for n, e in enumerate(edges(nodes))}
+    own = node_edges(nodes)
     out = {}
     for t, cell in genotype.cells.items():
         mask = torch.zeros_like(soft[t])
         for j, node in enumerate(cell):
             for op, i in node:
-                mask[index[(j, i)], ops.index(op)] = 1.0
+                mask[own[j][i], ops.index(op)] = 1.0
         if f"beta_pair_{t}" in alphas:
             pi = [torch.softmax(g / tau[1], dim=0).max() for g in alphas[f"beta_pair_{t}"].split(node_sizes(nodes, True))]
             node_of = torch.tensor([j for j, _ in edges(nodes)])

@@ -4,8 +4,8 @@
 
     learning_curves.png   meta-train query accuracy, meta-val accuracy (± 95 % CI) and meta-train loss
     alphas.png            softmax(α/τ_α) per edge and operation, softmax(β/τ_β) per node's inputs
-    cell_normal.png       the derived normal cell as a DAG (only if the genotype has one)
-    cell_reduce.png       the derived reduction cell as a DAG (only if the genotype has one)
+    cell_normal.png       the derived normal cell, drawn left to right (only if the genotype has one)
+    cell_reduce.png       the derived reduction cell, drawn left to right (only if the genotype has one)
 
 Every function closes the figures it opens, so it can be called from a long training loop.
 """
@@ -28,16 +28,14 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
 from .genotype import Genotype  # noqa: E402
-from .search_space import edges, input_weights, pairs  # noqa: E402
+from .search_space import edges, input_weights, node_edges, pairs  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 CELL_TYPES = ("normal", "reduce")
 _DPI = 110
 
-# ---------------------------------------------------------------------------------------------------------------
-# learning curves
-# ---------------------------------------------------------------------------------------------------------------
+# -- learning curves -----------------------------------------------------------------------------------------------
 
 
 def _num(value: Any) -> float:
@@ -130,9 +128,7 @@ def plot_learning_curves(rows: Sequence[Mapping[str, Any]], path: str | Path) ->
     return path
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# architecture weights
-# ---------------------------------------------------------------------------------------------------------------
+# -- architecture weights ------------------------------------------------------------------------------------------
 
 
 def state_name(i: int, math_text: bool = False) -> str:
@@ -148,11 +144,6 @@ def edge_label(j: int, i: int, math_text: bool = False) -> str:
     if math_text:
         return f"$n_{{{j}}} \\leftarrow {state_name(i, True).strip('$')}$"
     return f"n{j}←{state_name(i)}"
-
-
-def _cell_types(alphas: Mapping[str, torch.Tensor]) -> list[str]:
-    found = [k[len("alpha_"):] for k in alphas if k.startswith("alpha_")]
-    return [t for t in CELL_TYPES if t in found] + sorted(t for t in found if t not in CELL_TYPES)
 
 
 def _annotate(ax, values: np.ndarray, vmax: float, fontsize: float, bold_max: bool) -> None:
@@ -173,7 +164,7 @@ def plot_architecture(alphas: Mapping[str, torch.Tensor], ops: Sequence[str], no
     ops = tuple(ops)
     edge_list = edges(nodes)
     n_edges, n_ops = len(edge_list), len(ops)
-    types = _cell_types(alphas)
+    types = _ordered(k[len("alpha_"):] for k in alphas if k.startswith("alpha_"))
     tau_a, tau_b = float(tau[0]), float(tau[1])
 
     panels = []
@@ -204,7 +195,7 @@ def plot_architecture(alphas: Mapping[str, torch.Tensor], ops: Sequence[str], no
                                   left=1.35 / width, right=1 - 0.12 / width, top=1 - top / fig_h,
                                   bottom=bottom / fig_h)
             labels = [edge_label(j, i, math_text=True) for j, i in edge_list]
-            bounds = np.cumsum([j + 2 for j in range(nodes)])[:-1] - 0.5  # between nodes' edge groups
+            bounds = [own.start - 0.5 for own in node_edges(nodes)[1:]]  # between nodes' edge groups
             for p, (t, a, b) in enumerate(panels):
                 ax_a = fig.add_subplot(gs[p, 0])
                 ax_b = fig.add_subplot(gs[p, 1], sharey=ax_a)
@@ -236,9 +227,7 @@ def plot_architecture(alphas: Mapping[str, torch.Tensor], ops: Sequence[str], no
     return path
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# cells as DAGs
-# ---------------------------------------------------------------------------------------------------------------
+# -- cells as DAGs -------------------------------------------------------------------------------------------------
 
 OUTPUT = "c_{k}"
 
@@ -260,174 +249,122 @@ def cell_edges(genotype: Genotype, cell_type: str) -> list[tuple[str, str, str |
     return out
 
 
-def _bezier(p0: np.ndarray, p1: np.ndarray, rad: float, n: int = 41) -> np.ndarray:
-    """Points of matplotlib's ``arc3,rad=rad`` connection (a quadratic Bézier) from p0 to p1 (equal aspect)."""
-    mid = (p0 + p1) / 2
-    d = p1 - p0
-    ctrl = mid + rad * np.array([d[1], -d[0]])
-    t = np.linspace(0.0, 1.0, n)[:, None]
-    return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * ctrl + t ** 2 * p1
-
-
-def _in_box(pts: np.ndarray, centre: np.ndarray, half: np.ndarray) -> np.ndarray:
-    return (np.abs(pts - centre) <= half).all(axis=1)
-
-
-def _rect_overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
-    """Overlap area of two (x0, y0, x1, y1) rectangles."""
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    return max(w, 0.0) * max(h, 0.0)
-
-
-def _positions(n: int) -> dict[str, np.ndarray]:
-    """Box centres: inputs on the left, intermediate nodes zig-zagging left to right, the output on the right."""
-    pos = {"c_{k-2}": np.array([0.0, 2.1]), "c_{k-1}": np.array([0.0, -2.1])}
-    for j in range(n):
-        pos[str(j)] = np.array([2.8 + 2.5 * j, 0.95 if j % 2 == 0 else -0.95])
-    pos[OUTPUT] = np.array([2.8 + 2.5 * (n - 1) + 2.8 if n else 2.8, 0.0])
-    return pos
-
-
-_RADS = (0.0,) + tuple(s * r for r in (0.08, 0.15, 0.22, 0.3, 0.4, 0.5, 0.65, 0.8) for s in (1, -1))
-_LABEL_T = (0.5, 0.42, 0.58, 0.34, 0.66, 0.27, 0.73, 0.2, 0.8)
-_SCALE = 0.9  # inches per data unit of a cell drawing
+_HALF = np.array([0.45, 0.22])  # inches: half width and half height of every box
+_LEVEL = 0.5  # inches between the apexes of arches one span apart (more than a label is high)
 _LABEL_FONTSIZE = 9
-_BOX_MARGIN = 0.12  # arrows keep this far from boxes they do not start or end at
 
 
 @dataclass
 class CellLayout:
-    """Geometry of a cell drawing, in data units (equal aspect): what :func:`plot_cell` draws."""
+    """Geometry of a cell drawing, in inches (equal aspect): what :func:`plot_cell` draws.
+
+    The states c_{k-2}, c_{k-1}, 0 … n-1, c_{k} stand in one row, in this order, ``step`` apart. An arrow between
+    neighbours is a straight line; one that spans s columns arches over the row, its apex (s − 1)·``_LEVEL`` above
+    the boxes, so it passes over every box in between. The arrows into c_{k} arch under the row, as does a second
+    operation on the same input. Each op label sits at its arrow's apex (or middle): labels of one span are
+    ``step`` apart, more than a label is wide, and labels of different spans ``_LEVEL`` apart in height."""
 
     arrows: list[tuple[str, str, str | None]]  # (source, target, op) as in cell_edges
     pos: dict[str, np.ndarray]  # box name → centre
-    half: dict[str, np.ndarray]  # box name → half width, half height
-    rads: list[float]  # per arrow: the arc3 curvature
-    curves: list[np.ndarray]  # per arrow: [P, 2] points along it, centre to centre
+    levels: list[float]  # per arrow: apex height in _LEVELs, > 0 above the row, < 0 below it, 0 a straight line
+    paths: list[np.ndarray]  # per arrow: the 4 control points of a cubic Bézier, from box edge to box edge
+    curves: list[np.ndarray]  # per arrow: [41, 2] points along it
     labels: list[tuple[int, tuple[float, float], tuple[float, float, float, float]]]  # (arrow, centre, rect)
 
     def box_rect(self, name: str, pad: float = 0.0) -> tuple[float, float, float, float]:
-        lo, hi = self.pos[name] - self.half[name] - pad, self.pos[name] + self.half[name] + pad
-        return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
+        (x0, y0), (x1, y1) = self.pos[name] - _HALF - pad, self.pos[name] + _HALF + pad
+        return float(x0), float(y0), float(x1), float(y1)
 
     def extent(self) -> tuple[float, float, float, float]:
-        pts = np.concatenate(self.curves + [np.stack([self.pos[b] - self.half[b], self.pos[b] + self.half[b]])
-                                            for b in self.pos]
-                             + [np.array([[r[0], r[1]], [r[2], r[3]]]) for _, _, r in self.labels])
+        pts = np.concatenate(self.curves + [np.array([p - _HALF, p + _HALF]) for p in self.pos.values()]
+                             + [np.reshape(rect, (2, 2)) for _, _, rect in self.labels])
         (x0, y0), (x1, y1) = pts.min(axis=0), pts.max(axis=0)
         return float(x0), float(y0), float(x1), float(y1)
 
 
 def _text_size(text: str, fontsize: float) -> tuple[float, float]:
-    """Width and height of ``text`` in data units of a cell drawing."""
+    """Width and height of ``text`` in inches."""
     from matplotlib.font_manager import FontProperties
     from matplotlib.textpath import TextToPath
 
     w, h, _ = TextToPath().get_text_width_height_descent(text, FontProperties(size=fontsize), ismath=False)
-    return w / 72 / _SCALE, h / 72 / _SCALE
+    return w / 72, h / 72
+
+
+def _arrow_path(p0: np.ndarray, p1: np.ndarray, level: float) -> np.ndarray:
+    """The 4 control points of the arrow from box centre ``p0`` to box centre ``p1`` (right of p0, same row): at
+    level 0 the straight line between their facing sides, else a bow from the top (level > 0) or bottom of one box
+    to that of the other, apex |level|·_LEVEL beyond them. Longer arrows leave and enter further from the centres,
+    so arches that share a box nest there instead of crossing."""
+    if level == 0:
+        a, b = p0 + [_HALF[0], 0.0], p1 - [_HALF[0], 0.0]
+        return np.array([a, (2 * a + b) / 3, (a + 2 * b) / 3, b])
+    off = min(0.05 + 0.1 * abs(level), _HALF[0] - 0.05)
+    y0 = p0[1] + np.sign(level) * _HALF[1]
+    y1 = y0 + level * _LEVEL / 0.75  # a cubic's apex reaches 3/4 of the way to its middle control points
+    return np.array([[p0[0] + off, y0], [p0[0] + off, y1], [p1[0] - off, y1], [p1[0] - off, y0]])
 
 
 def cell_layout(genotype: Genotype, cell_type: str) -> CellLayout:
-    """Place boxes, arrows and op labels of one cell: every arrow gets the least curvature that keeps it off
-    the other boxes and off the arrows already placed (long arrows first); every op label the point along its
-    arrow where it hits no box and no other label and hides as little of the other arrows as possible."""
+    """Place the boxes, arrows and op labels of one cell (see :class:`CellLayout`)."""
+    from matplotlib.bezier import BezierSegment
+
     arrows = cell_edges(genotype, cell_type)
-    pos = _positions(len(genotype.cells[cell_type]))
-    half = {name: np.array([0.55, 0.27]) for name in pos}
-    half["c_{k-2}"] = half["c_{k-1}"] = half[OUTPUT] = np.array([0.6, 0.3])
-
-    order = sorted(range(len(arrows)), key=lambda k: -np.linalg.norm(pos[arrows[k][1]] - pos[arrows[k][0]]))
-    placed: dict[int, tuple[float, np.ndarray]] = {}
-    for k in order:
-        src, dst, _ = arrows[k]
-        p0, p1 = pos[src], pos[dst]
-        best = None
-        for rad in _RADS:
-            pts = _bezier(p0, p1, rad)
-            hits = sum(int(_in_box(pts, pos[b], half[b] + _BOX_MARGIN).any()) for b in pos if b not in (src, dst))
-            # running along another arrow (away from this arrow's own ends, where arrows meet anyway)
-            away = np.minimum(np.linalg.norm(pts - p0, axis=1), np.linalg.norm(pts - p1, axis=1)) > 1.0
-            close = 0
-            for _, other in placed.values():
-                d = np.linalg.norm(pts[away, None, :] - other[None, :, :], axis=-1).min(axis=1)
-                close += int((d < 0.15).sum())
-            # a second arrow between the same two boxes (two ops on one input) bends visibly apart
-            twin = sum(int(abs(rad - placed[m][0]) < 0.25) for m in placed if arrows[m][:2] == (src, dst))
-            cost = 100.0 * hits + 0.5 * close + 10.0 * abs(rad) + 50.0 * twin
-            if best is None or cost < best[0]:
-                best = (cost, rad, pts)
-        placed[k] = (best[1], best[2])
-    rads = [placed[k][0] for k in range(len(arrows))]
-    curves = [placed[k][1] for k in range(len(arrows))]
-
-    layout = CellLayout(arrows, pos, half, rads, curves, [])
-    taken = [layout.box_rect(b, pad=0.04) for b in pos]
-    for k, ((_, _, op), curve) in enumerate(zip(arrows, curves)):
-        if op is None:
-            continue
-        tw, th = _text_size(op, _LABEL_FONTSIZE)
-        hw, hh = tw / 2 + 0.06, th / 2 + 0.06
-        others = np.concatenate([c for m, c in enumerate(curves) if m != k])
-        best = None
-        for t in _LABEL_T:
-            cx, cy = (float(v) for v in curve[int(round(t * (len(curve) - 1)))])
-            rect = (cx - hw, cy - hh, cx + hw, cy + hh)
-            overlap = sum(_rect_overlap(rect, r) for r in taken)
-            covered = int(((np.abs(others[:, 0] - cx) <= hw) & (np.abs(others[:, 1] - cy) <= hh)).sum())
-            cost = 1000.0 * overlap + covered + 3.0 * abs(t - 0.5)
-            if best is None or cost < best[0]:
-                best = (cost, (cx, cy), rect)
-        taken.append(best[2])
-        layout.labels.append((k, best[1], best[2]))
-    return layout
+    names = [state_name(0), state_name(1)] + [str(j) for j in range(len(genotype.cells[cell_type]))] + [OUTPUT]
+    size = {op: _text_size(op, _LABEL_FONTSIZE) for _, _, op in arrows if op is not None}
+    step = max(2.0, 2 * _HALF[0] + max((w for w, _ in size.values()), default=0.0) + 0.35)  # a label fits between
+    lay = CellLayout(arrows, {name: np.array([k * step, 0.0]) for k, name in enumerate(names)}, [], [], [], [])
+    seen: dict[tuple[str, str], int] = {}
+    for k, (src, dst, op) in enumerate(arrows):
+        level = float(names.index(dst) - names.index(src) - 1)  # span − 1
+        repeat = seen[(src, dst)] = seen.get((src, dst), -1) + 1
+        if repeat:  # the same input again: alternately under and over the row, higher each time
+            level = max(level + 0.5 * (repeat // 2), 0.6)
+        lay.levels.append(-level if op is None or repeat % 2 else level)
+        lay.paths.append(_arrow_path(lay.pos[src], lay.pos[dst], lay.levels[-1]))
+        lay.curves.append(BezierSegment(lay.paths[-1])(np.linspace(0.0, 1.0, 41)))
+        if op is not None:
+            (cx, cy), (w, h) = lay.curves[-1][20], size[op]
+            rect = (cx - w / 2 - 0.06, cy - h / 2 - 0.06, cx + w / 2 + 0.06, cy + h / 2 + 0.06)
+            lay.labels.append((k, (float(cx), float(cy)), rect))
+    return lay
 
 
 def plot_cell(genotype: Genotype, cell_type: str, path: str | Path) -> list[tuple[str, str, str | None]]:
-    """Draw one cell of ``genotype`` as a DAG (layout: :func:`cell_layout`); returns the arrows drawn,
-    ``(source, target, op)`` as in :func:`cell_edges`."""
+    """Draw one cell of ``genotype`` (layout: :func:`cell_layout`); returns the arrows drawn, ``(source, target,
+    op)`` as in :func:`cell_edges`. (:meth:`Genotype.write_dot` writes the same cell for Graphviz.)"""
+    from matplotlib.path import Path as MplPath
+
     path = Path(path)
     lay = cell_layout(genotype, cell_type)
     ops_used = sorted({op for _, _, op in lay.arrows if op is not None})
-    cmap = plt.get_cmap("tab10")
-    colour = {op: cmap(k % 10) for k, op in enumerate(ops_used)}
+    colour = {op: plt.get_cmap("tab10")(k % 10) for k, op in enumerate(ops_used)}
 
     x0, y0, x1, y1 = lay.extent()
-    x0, y0, x1, y1 = x0 - 0.3, y0 - 0.3, x1 + 0.3, y1 + 0.75  # margins, room for the title
-    fig = plt.figure(figsize=((x1 - x0) * _SCALE, (y1 - y0) * _SCALE), dpi=_DPI)
+    x0, y0, x1, y1 = x0 - 0.25, y0 - 0.25, x1 + 0.25, y1 + 0.6  # margins, room for the title
+    fig = plt.figure(figsize=(x1 - x0, y1 - y0), dpi=_DPI)
     drawn: list[tuple[str, str, str | None]] = []
     try:
         ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
-        ax.set_xlim(x0, x1)
-        ax.set_ylim(y0, y1)
-        ax.set_aspect("equal")
+        ax.set(xlim=(x0, x1), ylim=(y0, y1), aspect="equal")
         ax.axis("off")
-
-        patches = {}
         for name, c in lay.pos.items():
-            h = lay.half[name]
             face = "#c7e9c0" if name in ("c_{k-2}", "c_{k-1}") else "#fdf1b8" if name == OUTPUT else "#c6dbef"
-            patch = FancyBboxPatch(tuple(c - h), *(2 * h), boxstyle="round,pad=0.02,rounding_size=0.12",
-                                   fc=face, ec="#333333", lw=1.2, zorder=3)
-            ax.add_patch(patch)
-            patches[name] = patch
+            ax.add_patch(FancyBboxPatch(tuple(c - _HALF), *(2 * _HALF), boxstyle="round,pad=0,rounding_size=0.1",
+                                        fc=face, ec="#333333", lw=1.2, zorder=3))
             ax.text(*c, f"${name}$" if name.startswith("c_") else name, ha="center", va="center", fontsize=12,
                     zorder=4)
-
-        for (src, dst, op), rad in zip(lay.arrows, lay.rads):
+        for (src, dst, op), ctrl in zip(lay.arrows, lay.paths):
             ax.add_patch(FancyArrowPatch(
-                tuple(lay.pos[src]), tuple(lay.pos[dst]), connectionstyle=f"arc3,rad={rad}", arrowstyle="-|>",
-                mutation_scale=13, lw=1.4 if op else 1.0, color=colour[op] if op else "#888888",
-                linestyle="-" if op else (0, (4, 2)), patchA=patches[src], patchB=patches[dst],
-                shrinkA=1, shrinkB=1, zorder=2))
+                path=MplPath(ctrl, [MplPath.MOVETO] + [MplPath.CURVE4] * 3), arrowstyle="-|>", mutation_scale=12,
+                lw=1.4 if op else 1.0, color=colour[op] if op else "#888888", linestyle="-" if op else (0, (4, 2)),
+                zorder=2))
             drawn.append((src, dst, op))
-
         for k, centre, _ in lay.labels:
             op = lay.arrows[k][2]
             ax.text(*centre, op, ha="center", va="center", fontsize=_LABEL_FONTSIZE, zorder=5, color="black",
                     bbox=dict(boxstyle="round,pad=0.15", fc="white", ec=colour[op], lw=0.8))
-
-        ax.text((x0 + x1) / 2, y1 - 0.35, f"{cell_type} cell", ha="center", va="center", fontsize=12,
+        ax.text((x0 + x1) / 2, y1 - 0.3, f"{cell_type} cell", ha="center", va="center", fontsize=12,
                 fontweight="bold")
         fig.savefig(path)
     finally:
@@ -436,9 +373,7 @@ def plot_cell(genotype: Genotype, cell_type: str, path: str | Path) -> list[tupl
     return drawn
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# all plots of a run
-# ---------------------------------------------------------------------------------------------------------------
+# -- all plots of a run --------------------------------------------------------------------------------------------
 
 
 def write_run_plots(plots_dir: str | Path, rows: Sequence[Mapping[str, Any]],
@@ -458,5 +393,6 @@ def write_run_plots(plots_dir: str | Path, rows: Sequence[Mapping[str, Any]],
 
 
 def _ordered(types: Iterable[str]) -> list[str]:
+    """Cell types: normal, reduce, then any others, sorted."""
     types = list(types)
-    return [t for t in CELL_TYPES if t in types] + [t for t in types if t not in CELL_TYPES]
+    return [t for t in CELL_TYPES if t in types] + sorted(t for t in types if t not in CELL_TYPES)

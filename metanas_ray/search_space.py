@@ -45,19 +45,30 @@ from .config import ModelConfig
 from .ops import EdgeOps, FactorizedReduce, ReLUConvBN, bn
 
 
+def node_edges(nodes: int) -> list[range]:
+    """The edges of each node, as indices into :func:`edges`: node j reads the j + 2 states i = 0 … j + 1, and
+    its edges follow the Σ_(m<j) (m + 2) = j(j + 3)/2 edges of the nodes before it, so
+
+        edge (j, i) is number j(j + 3)/2 + i,    node j owns range(j(j + 3)/2, j(j + 3)/2 + j + 2)
+
+    (3 nodes: [0, 1], [2, 3, 4], [5, 6, 7, 8]). ``len(node_edges(n)[j])`` is node j's number of inputs."""
+    return [range(j * (j + 3) // 2, j * (j + 3) // 2 + j + 2) for j in range(nodes)]
+
+
 def edges(nodes: int) -> list[tuple[int, int]]:
     """(node j, source i) for every edge, node-major; sources 0, 1 are the cell inputs, 2 + m is node m."""
-    return [(j, i) for j in range(nodes) for i in range(j + 2)]
+    return [(j, i) for j, own in enumerate(node_edges(nodes)) for i in range(len(own))]
 
 
 def pairs(nodes: int) -> list[tuple[int, int, int]]:
     """(node j, input a, input b), a < b, for every pair of inputs of every node, node-major (as ``beta_pair_t``)."""
-    return [(j, a, b) for j in range(nodes) for a in range(j + 2) for b in range(a + 1, j + 2)]
+    return [(j, a, b) for j, own in enumerate(node_edges(nodes))
+            for a in range(len(own)) for b in range(a + 1, len(own))]
 
 
 def node_sizes(nodes: int, pairwise: bool = False) -> list[int]:
     """Entries of β per node: its j + 2 inputs, or their (j + 2)(j + 1)/2 pairs."""
-    return [(j + 2) * (j + 1) // 2 if pairwise else j + 2 for j in range(nodes)]
+    return [len(own) * (len(own) - 1) // 2 if pairwise else len(own) for own in node_edges(nodes)]
 
 
 @lru_cache(maxsize=None)
@@ -85,6 +96,7 @@ class SearchCell(nn.Module):
         self.preproc0 = FactorizedReduce(c_pp, c) if reduction_p else ReLUConvBN(c_pp, c, 1, 1, 0)
         self.preproc1 = ReLUConvBN(c_p, c, 1, 1, 0)
         self.edge_list = edges(nodes)
+        self.node_edges = node_edges(nodes)
         # states 0 … nodes feed later nodes; the last node only feeds the cell's output
         self.source_edges = [[k for k, (_, i) in enumerate(self.edge_list) if i == src] for src in range(nodes + 1)]
         self.sources = nn.ModuleList(
@@ -96,15 +108,13 @@ class SearchCell(nn.Module):
         ``drop``: ``[B, E, O]`` per-image drop-path multipliers (None: no drop-path)."""
         states = [self.preproc0(s0), self.preproc1(s1)]
         active = (weights > threshold).tolist()
-        n_ops, e = self.n_ops, 0
-        for j in range(self.nodes):
-            if not any(any(active[k]) for k in range(e, e + j + 2)):  # all pruned: keep the strongest term
-                flat = int(weights[e:e + j + 2].argmax())
-                active[e + flat // n_ops][flat % n_ops] = True
-            e += j + 2
+        n_ops = self.n_ops
+        for own in self.node_edges:
+            if not any(any(active[k]) for k in own):  # all pruned: keep the strongest term
+                flat = int(weights[own.start:own.stop].argmax())
+                active[own.start + flat // n_ops][flat % n_ops] = True
         terms: list[list] = [[] for _ in self.edge_list]
-        e = 0
-        for j in range(self.nodes):
+        for j, own in enumerate(self.node_edges):
             for src in range(0 if j == 0 else j + 1, j + 2):  # the states that became available
                 ks = self.source_edges[src]
                 if not any(any(active[k]) for k in ks):
@@ -114,14 +124,13 @@ class SearchCell(nn.Module):
                 d = None if drop is None else (drop[:, ks[0]:ks[-1] + 1] if contiguous else drop[:, ks])
                 for k, t in zip(ks, self.sources[src](states[src], w, [active[k] for k in ks], d)):
                     terms[k] = t
-            node_terms = [t for k in range(e, e + j + 2) for t in terms[k]]
+            node_terms = [t for k in own for t in terms[k]]
             if node_terms:
                 states.append(_weighted_sum(node_terms))
             else:  # only "none" is active: zeros, as Zero(stride) computes them
-                i = next(i for i, k in enumerate(range(e, e + j + 2)) if any(active[k]))
+                i = next(i for i, k in enumerate(own) if any(active[k]))
                 stride = 2 if self.reduction and i < 2 else 1
                 states.append(states[i][:, :, ::stride, ::stride] * 0.0)
-            e += j + 2
         return torch.cat(states[2:], dim=1)
 
 

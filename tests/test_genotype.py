@@ -2,7 +2,7 @@ import torch
 
 from metanas_ray.config import ModelConfig
 from metanas_ray.genotype import Genotype, derive, hard_mixture
-from metanas_ray.search_space import edges, init_alphas, mixture
+from metanas_ray.search_space import edges, init_alphas, mixture, node_edges
 
 OPS = ModelConfig().ops
 
@@ -19,12 +19,10 @@ def test_derive_keeps_the_strongest_op_and_two_inputs():
     assert set(geno.cells) == {"normal", "reduce"}
     for t, cell in geno.cells.items():
         assert len(cell) == 3
-        start = 0
-        for j, node in enumerate(cell):
-            assert len(node) == 2 and all(0 <= i < j + 2 for _, i in node)
+        for node, own in zip(cell, node_edges(3)):
+            assert len(node) == 2 and all(0 <= i < len(own) for _, i in node)
             for op, i in node:
-                assert op == OPS[int(alphas[f"alpha_{t}"][start + i].argmax())]
-            start += j + 2
+                assert op == OPS[int(alphas[f"alpha_{t}"][own[i]].argmax())]
 
 
 def test_beta_decides_which_inputs_survive():

@@ -105,6 +105,11 @@ def test_architecture_rejects_wrong_shape(tmp_path: Path) -> None:
 # -- cells ------------------------------------------------------------------------------------------------------------
 
 
+def rect_overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Overlap area of two (x0, y0, x1, y1) rectangles."""
+    return max(min(a[2], b[2]) - max(a[0], b[0]), 0.0) * max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
+
+
 def expected_arrows(genotype: Genotype, cell_type: str) -> list[tuple[str, str, str | None]]:
     names = {0: "c_{k-2}", 1: "c_{k-1}"}
     cell = genotype.cells[cell_type]
@@ -131,7 +136,8 @@ def test_plot_cell_hand_built_genotype(tmp_path: Path) -> None:
     assert_png(tmp_path / "c.png")
     assert drawn == expected_arrows(genotype, "normal")
     lay = plotting.cell_layout(genotype, "normal")
-    assert abs(lay.rads[0] - lay.rads[1]) >= 0.25  # the two arrows c_{k-2} → 0 bend apart
+    assert lay.levels[0] * lay.levels[1] < 0  # the two arrows c_{k-2} → 0: one above the row, one below
+    assert lay.levels[2] == 0 > lay.levels[3]  # the two arrows 0 → 1: a straight line and an arch below
     with pytest.raises(KeyError, match="reduce"):
         plotting.plot_cell(genotype, "reduce", tmp_path / "r.png")
     with pytest.raises(ValueError, match="node 0 reads input 2"):
@@ -147,16 +153,15 @@ def test_cell_layout_has_no_overlaps(nodes: int) -> None:
         boxes = [lay.box_rect(b) for b in lay.pos]
         labels = [rect for _, _, rect in lay.labels]
         assert [lay.arrows[k][2] for k, _, _ in lay.labels] == [op for _, _, op in lay.arrows if op is not None]
-        assert all(plotting._rect_overlap(a, b) == 0 for a, b in itertools.combinations(boxes + labels, 2))
+        assert all(rect_overlap(a, b) == 0 for a, b in itertools.combinations(boxes + labels, 2))
         for (src, dst, _), curve in zip(lay.arrows, lay.curves):  # no arrow crosses a box it does not touch
             for b, rect in zip(lay.pos, boxes):
                 if b not in (src, dst):
                     inside = ((curve[:, 0] >= rect[0]) & (curve[:, 0] <= rect[2])
                               & (curve[:, 1] >= rect[1]) & (curve[:, 1] <= rect[3]))
                     assert not inside.any(), (seed, src, dst, b)
-        x = {name: p[0] for name, p in lay.pos.items()}
-        assert x["c_{k-2}"] == x["c_{k-1}"] < min(x[str(j)] for j in range(nodes)) < max(
-            x[str(j)] for j in range(nodes)) < x["c_{k}"]
+        x = [lay.pos[name][0] for name in ["c_{k-2}", "c_{k-1}"] + [str(j) for j in range(nodes)] + ["c_{k}"]]
+        assert x == sorted(set(x))  # inputs on the left, the nodes in order, the output on the right
 
 
 # -- all plots of a run ---------------------------------------------------------------------------------------------

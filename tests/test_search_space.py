@@ -3,7 +3,7 @@ from torch.func import functional_call
 
 from metanas_ray.config import Config, ModelConfig
 from metanas_ray.inner_loop import forward
-from metanas_ray.search_space import SearchNetwork, edges, init_alphas, mixture
+from metanas_ray.search_space import SearchNetwork, edges, init_alphas, mixture, node_edges, node_sizes, pairs
 from metanas_ray.state import build_network, init_state
 
 
@@ -26,6 +26,18 @@ def test_functional_forward_equals_module_forward(smoke_cfg):
     torch.testing.assert_close(functional_call(net, state["weights"], (x, mix)), net(x, mix))
 
 
+def test_node_edges_index_each_nodes_inputs():
+    # node j reads states 0 … j + 1; its edges follow the 2 + 3 + … + (j + 1) = j(j + 3)/2 edges of earlier nodes
+    assert [list(own) for own in node_edges(3)] == [[0, 1], [2, 3, 4], [5, 6, 7, 8]]
+    assert node_edges(0) == [] and list(node_edges(5)[4]) == [14, 15, 16, 17, 18, 19]
+    assert edges(2) == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+    assert pairs(2) == [(0, 0, 1), (1, 0, 1), (1, 0, 2), (1, 1, 2)]
+    assert node_sizes(3) == [2, 3, 4] and node_sizes(3, pairwise=True) == [1, 3, 6]
+    for nodes in range(7):  # edge (j, i) is number node_edges[j][i]
+        assert [edges(nodes)[k] for own in node_edges(nodes) for k in own] == edges(nodes)
+        assert [(j, k - own.start) for j, own in enumerate(node_edges(nodes)) for k in own] == edges(nodes)
+
+
 def test_softmax_of_alpha_over_tau_approaches_one_hot():
     cfg = ModelConfig(nodes=3)
     alphas = init_alphas(cfg, torch.Generator().manual_seed(0))
@@ -42,10 +54,8 @@ def test_softmax_of_alpha_over_tau_approaches_one_hot():
     alphas["beta_normal"] = torch.randn_like(alphas["beta_normal"])
     # per node, the input weights sum to 1 at any temperature
     w = mixture(alphas, 0.5, 0.5, 3)["normal"].sum(-1)
-    start = 0
-    for j in range(3):
-        torch.testing.assert_close(w[start:start + j + 2].sum(), torch.tensor(1.0))
-        start += j + 2
+    for own in node_edges(3):
+        torch.testing.assert_close(w[own.start:own.stop].sum(), torch.tensor(1.0))
 
 
 def test_pruned_terms_are_skipped_exactly():
