@@ -31,9 +31,10 @@ def _in_process(cfg, out_dir: str) -> dict:
     """One in-process meta-training run's summary (a process of its own: see ``in_process_x2``)."""
     import torch
     from metanas_ray.rundir import RunDir
-    from metanas_ray.train_loop import Recorder, meta_train
+    from metanas_ray.recording import RunRecorder
+    from metanas_ray.train_loop import meta_train
     torch.set_num_threads(cfg.run.threads)
-    return meta_train(cfg, Recorder(RunDir(Path(out_dir)).create(cfg)))
+    return meta_train(cfg, RunRecorder(RunDir(Path(out_dir)).create(cfg), cfg))
 
 
 def _row(summaries: list[dict], seconds: float, meta_steps: int) -> dict:

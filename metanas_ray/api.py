@@ -66,16 +66,19 @@ def train(config: Config | str | Path, output: str | Path, *, workers: int | Non
     """Meta-train ``config`` (a Config or a YAML path) into the new run directory ``output`` and return it read.
     On Ray Train (a local Ray unless ``address``) with ``workers`` CPU or ``gpus`` GPU workers, or in this process."""
     from .rundir import RunDir
-    from .train_loop import Recorder, meta_train
+    from .recording import RunRecorder
+    from .tracking import start_mlflow
+    from .train_loop import meta_train
 
     cfg = config if isinstance(config, Config) else load(config)
     scale = {k: v for k, v in (("scale.num_workers", workers), ("scale.num_gpus", gpus), ("scale.address", address))
              if v is not None}
     cfg = cfg.override(scale) if scale else cfg
     run = RunDir(output).create(cfg)
+    start_mlflow(run.path, cfg)
     if in_process:
         from .run import in_process_device
-        meta_train(cfg, Recorder(run), device=in_process_device(cfg))
+        meta_train(cfg, RunRecorder(run, cfg), device=in_process_device(cfg))
     else:
         from .ray_train import fit
         fit(cfg, run)

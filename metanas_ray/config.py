@@ -37,6 +37,8 @@ class DataConfig:
     n_query: int = 5  # q query images per class (the task's D_test)
     image_size: int = 28  # images are resized once to image_size × image_size
     split: str = "alphabets"  # omniglot only: alphabets (ours, by whole alphabets) | vinyals (1028/172/423 characters)
+    split_fractions: tuple[float, ...] = (0.64, 0.16, 0.20)  # folder only, a flat <root>/<class>/ folder: the
+    # fractions of its classes for meta-train / val / test (default miniImageNet's 64/16/20), dealt by class name
     synthetic_classes: int = 40  # synthetic only: classes per split (train/val/test)
     synthetic_per_class: int = 12  # synthetic only: images per class
 
@@ -125,6 +127,8 @@ class RunConfig:
     keep_checkpoints: int = 2
     threads: int = 0  # torch threads per worker (0: cores / workers)
     keep_freed_memory_mb: int = 1024  # freed memory a worker's malloc keeps for reuse (glibc; 0: its default)
+    tensorboard: bool = True  # TensorBoard events in the run directory's tb/ (tensorboard --logdir runs/)
+    mlflow: str = ""  # --mlflow: an MLflow tracking URI (file:DIR, sqlite:///F.db, http://HOST:5000; "": off)
 
 
 @dataclass(frozen=True)
@@ -328,8 +332,8 @@ def save(cfg: Config, path: str | Path) -> None:
 # below the meta-steps done), what it logs and keeps, how it evaluates, where the data is and where it runs.
 # Everything else shapes what has been learnt so far (the data, the tasks, the network, the algorithm).
 RESUMABLE = ("task.lr_w", "task.lr_alpha", "meta.lr_w", "meta.lr_alpha", "run.meta_steps", "run.log_every",
-             "run.checkpoint_every", "run.keep_checkpoints", "run.threads", "run.keep_freed_memory_mb", "eval.*",
-             "data.root", "data.download", "scale.*")
+             "run.checkpoint_every", "run.keep_checkpoints", "run.threads", "run.keep_freed_memory_mb",
+             "run.tensorboard", "run.mlflow", "eval.*", "data.root", "data.download", "scale.*")
 
 
 def resumable(key: str) -> bool:
@@ -412,6 +416,13 @@ def validate(cfg: Config) -> None:
     need(d.split in ("alphabets", "vinyals"), "data.split", f"must be 'alphabets' or 'vinyals', got '{d.split}'")
     need(d.split == "alphabets" or d.dataset == "omniglot", "data.split",
          f"'{d.split}' is an Omniglot split; data.dataset is '{d.dataset}'")
+    fractions = list(d.split_fractions)
+    need(len(fractions) == 3 and all(math.isfinite(f) and f > 0 for f in fractions), "data.split_fractions",
+         f"must be 3 positive fractions (meta-train, meta-val, meta-test), got {fractions}")
+    need(abs(sum(fractions) - 1) <= 1e-3, "data.split_fractions",
+         f"must sum to 1, got {fractions} (sum {sum(fractions):g})")
+    need(d.dataset == "folder" or d.split_fractions == DataConfig.split_fractions, "data.split_fractions",
+         f"is read by data.dataset: folder only; data.dataset is '{d.dataset}'")
     need(d.synthetic_classes >= 2, "data.synthetic_classes", "must be at least 2")
     need(d.synthetic_per_class >= 2, "data.synthetic_per_class", "must be at least 2")
     need(m.kind in ("supernet", "genotype", "conv4"), "model.kind",

@@ -27,7 +27,8 @@ from . import checkpoint
 from .config import Config, ConfigError, from_dict
 from .interrupt import Stopped, reclaim_signals
 from .rundir import RunDir, RunDirError
-from .train_loop import Recorder, meta_train
+from .recording import RunRecorder
+from .train_loop import meta_train
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class ScaleError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ workers
-class RayRecorder(Recorder):
+class RayRecorder(RunRecorder):
     """Rank 0 writes the run directory; every rank reports to Ray Train at the same meta-steps."""
 
     def report(self, rows: list[dict[str, Any]], payload: dict[str, Any] | None) -> None:
@@ -59,7 +60,8 @@ class RayRecorder(Recorder):
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None)
 
     def finish(self, summary, state, cfg, rows) -> None:
-        pass  # the driver writes genotype, plots and summary once the trainer returns
+        if self.tracker is not None:  # the driver writes genotype, plots, summary and the final figures
+            self.tracker.close()
 
 
 def worker_env(threads: int) -> dict[str, str]:
@@ -115,7 +117,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     elif config.get("resume") is not None:
         resume = config["resume"]
     try:
-        return meta_train(cfg, RayRecorder(RunDir(config["run_dir"]), rank), comm, device, resume, splits)
+        return meta_train(cfg, RayRecorder(RunDir(config["run_dir"]), cfg, rank), comm, device, resume, splits)
     except Stopped as e:  # SIGINT/SIGTERM on the driver: the checkpoint of this step is saved
         return {_STOPPED: e.step}
     except (NonFiniteLossError, ConfigError, DataError, RunDirError) as e:
@@ -268,7 +270,7 @@ def fit(cfg: Config, run: RunDir, resume: dict[str, Any] | None = None) -> dict[
         summary["workers"] = n
         summary["fit_seconds"] = time.perf_counter() - t0
         run.write_metrics(payload["metrics"])
-        Recorder(run).finish(summary, payload["state"], cfg, payload["metrics"])
+        RunRecorder(run, cfg).finish(summary, payload["state"], cfg, payload["metrics"])
         return summary
     finally:
         if started:

@@ -25,6 +25,7 @@ from .data import DataError
 from .inner_loop import NonFiniteLossError
 from .interrupt import StopOnSignal, Stopped
 from .rundir import RunDir, RunDirError
+from .tracking import end_mlflow, start_mlflow
 from .ray_train import ScaleError
 
 log = logging.getLogger("metanas_ray")
@@ -44,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="CPU workers (scale.num_workers)")
     p.add_argument("--num-gpus", type=int, help="GPU workers, one GPU each (scale.num_gpus)")
     p.add_argument("--address", help="Ray cluster address (scale.address; default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--mlflow", metavar="URI", help="also log to MLflow (run.mlflow), e.g. file:runs/mlflow; "
+                   "needs pip install 'metanas-ray[mlflow]'")
     p.add_argument("--in-process", action="store_true",
                    help="run the loop in this process, without Ray (on the GPU with --num-gpus 1)")
     p.add_argument("--print-config", action="store_true",
@@ -59,7 +62,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, RunDir, dict | None]:
     if args.num_gpus is not None and args.num_gpus < 0:
         raise ConfigError(f"--num-gpus must be at least 0, got {args.num_gpus} (0: CPU workers)")
     for flag, key in (("data_root", "data.root"), ("seed", "run.seed"), ("num_workers", "scale.num_workers"),
-                      ("num_gpus", "scale.num_gpus"), ("address", "scale.address")):
+                      ("num_gpus", "scale.num_gpus"), ("address", "scale.address"), ("mlflow", "run.mlflow")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
     if args.resume:
@@ -118,10 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             target.create(cfg)
         run = target
         log.info("run directory: %s", run.path)
+        start_mlflow(run.path, cfg)  # a bad --mlflow fails here, before any work
         with StopOnSignal(run.stop_file) as stop:
             if args.in_process:
-                from .train_loop import Recorder, meta_train
-                summary = meta_train(cfg, Recorder(run), device=device, resume=payload)
+                from .recording import RunRecorder
+                from .train_loop import meta_train
+                summary = meta_train(cfg, RunRecorder(run, cfg), device=device, resume=payload)
             else:
                 from .ray_train import fit
                 summary = fit(cfg, run, resume=payload)
@@ -142,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 def _after_error(run: RunDir, e: Exception) -> None:
     """Leave ``run`` so that it can go on: removed when a config problem stopped it before any result (the
     same command works again once fixed), else with error.txt and the command that continues it."""
+    end_mlflow(run.path, "FAILED")
     if isinstance(e, (ConfigError, DataError, ScaleError)) and run.discard():
         print(f"nothing was computed, and {run.path} is left as it was: once fixed, run the same command again",
               file=sys.stderr)
@@ -164,6 +170,7 @@ def _after_stop(run: RunDir | None, e: BaseException, stop: StopOnSignal | None)
     if run is None:
         print(f"interrupted ({name}) before the run started", file=sys.stderr)
         return code
+    end_mlflow(run.path, "KILLED")
     if isinstance(e, Stopped):
         where = f"after meta-step {e.step}, whose checkpoint is saved"
     else:

@@ -3,6 +3,8 @@
     config.yaml      the resolved config          metrics.csv   one row per logged meta-step
     checkpoints/     step_XXXXXXX.pt (last N)     genotype.json the derived cells
     plots/           learning curves, α/β, cells  summary.json  meta-test results (written last)
+    tb/              TensorBoard events            mlflow.json   the MLflow run's id (with --mlflow)
+    split.json       the class names of each meta-split (meta-train / meta-val / meta-test)
     error.txt        only while a run is stopped on an error (nothing else is removed)
     STOP             only while a stop is requested (SIGINT/SIGTERM, see ``metanas_ray.interrupt``)
 
@@ -102,7 +104,8 @@ class RunDir:
         again; only while nothing was computed. Returns whether it did."""
         if not self._created or not self.computed_nothing():
             return False
-        for extra in (self.path / "ray", self.error_file, self.stop_file):
+        for extra in (self.path / "ray", self.path / "tb", self.path / "mlflow.json", self.split_file,
+                      self.error_file, self.stop_file):
             if extra.is_dir():
                 shutil.rmtree(extra, ignore_errors=True)
             else:
@@ -163,3 +166,16 @@ class RunDir:
 
     def write_error(self, message: str) -> None:
         _atomic_write(self.error_file, message.rstrip() + "\n")
+
+    # -- the classes of each meta-split ---------------------------------------------------------------------------
+    @property
+    def split_file(self) -> Path:
+        return self.path / "split.json"
+
+    def write_split(self, class_split: dict[str, Any]) -> None:
+        """split.json: which classes each meta-split holds (``MetaSplits.class_split()``), so that a run's
+        meta-test classes can be checked against its meta-training ones. Rewritten at every start (the same
+        content for the same data); :meth:`discard` removes it with what :meth:`create` made."""
+        if self._created and not self.split_file.exists():
+            self._created.append(self.split_file)
+        _atomic_write(self.split_file, json.dumps(class_split, indent=1) + "\n")

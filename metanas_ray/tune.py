@@ -56,7 +56,7 @@ from . import checkpoint
 from .config import Config, ConfigError, flat_keys, from_dict, load, parse_overrides, plain, read_yaml_mapping, save
 from .data import DataError, check_tasks, load_splits
 from .ray_train import ScaleError, quiet_worker_logs, worker_env
-from .train_loop import Recorder, meta_train
+from .train_loop import meta_train
 
 log = logging.getLogger(__name__)
 
@@ -311,26 +311,26 @@ def _exec_config(s: Sweep, cfg: Config) -> Config:
 
 
 # ------------------------------------------------------------------------------------------------ trials
-class _NoRunDir:
-    """A trial keeps its state in Tune's checkpoints, not in a run directory."""
-
-    def write_metrics(self, rows) -> None:
-        pass
-
-    def save_checkpoint(self, payload, keep) -> None:
-        pass
-
-
-class TuneRecorder(Recorder):
-    """Reports every meta-validation (with a checkpoint) to Tune; writes no run directory.
+class TuneRecorder:
+    """The :class:`~metanas_ray.train_loop.Recorder` of a trial: reports every meta-validation (with a
+    checkpoint) to Tune, which keeps the trial's state; no run directory.
 
     In the trial process (``train=False``) through ``ray.tune.report``; on Ray Train workers through
     ``ray.train.report`` on every rank, rank 0 attaching the checkpoint (``TuneReportCallback`` forwards it).
     """
 
     def __init__(self, rank: int = 0, train: bool = False):
-        super().__init__(_NoRunDir(), rank)  # type: ignore[arg-type]
-        self.train = train
+        self.rank, self.train = rank, train
+
+    def data_split(self, class_split: dict[str, Any]) -> None:
+        pass  # the sweep's trials share the base config's data
+
+    def resumed(self, rows: list[dict[str, Any]]) -> None:
+        pass  # Tune restored the checkpoint; see replay()
+
+    def record(self, rows: list[dict[str, Any]], payload: dict[str, Any] | None, keep: int, comm=None,
+               device: Any = "cpu") -> None:
+        self.report(rows, payload)
 
     def stop_requested(self) -> bool:
         return False  # Tune stops its trials itself
@@ -451,7 +451,8 @@ def check_data(s: Sweep) -> None:
     seen: dict[tuple, Any] = {}
     for values in sample_configs(s):
         d = trial_config(s, values).data
-        key = (d.dataset, d.root, d.image_size, d.synthetic_classes, d.synthetic_per_class)
+        key = (d.dataset, d.root, d.image_size, d.split, d.split_fractions, d.synthetic_classes,
+               d.synthetic_per_class)
         if key not in seen:
             seen[key] = load_splits(d)
         check_tasks(d, seen[key])

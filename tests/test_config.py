@@ -39,6 +39,32 @@ def test_bad_config_is_one_clear_error(tmp_path, text, needle):
     assert needle in str(info.value)
 
 
+@pytest.mark.parametrize("value, needle", [
+    ([0.5, 0.5], "must be 3 positive fractions"),
+    ([0.8, 0.4, -0.2], "must be 3 positive fractions"),
+    ([0.6, 0.0, 0.4], "must be 3 positive fractions"),
+    ([64, 16, 20], "must sum to 1"),
+    ("[.nan, 0.5, 0.5]", "must be 3 positive fractions"),
+    ("[a, b, c]", "must be a number"),
+])
+def test_bad_split_fractions_is_an_error_naming_the_key(value, needle):
+    with pytest.raises(ConfigError) as info:
+        load(None, {"data.dataset": "folder", "data.split_fractions": value})
+    assert "data.split_fractions" in str(info.value) and needle in str(info.value)
+
+
+def test_split_fractions_is_read_by_folder_only_and_printed_with_its_default():
+    cfg = load(None, parse_overrides(["data.dataset=folder", "data.split_fractions=[0.7, 0.1, 0.2]"]))
+    assert cfg.data.split_fractions == (0.7, 0.1, 0.2)
+    assert load(None, {"data.dataset": "folder", "data.split_fractions": "0.6,0.2,0.2"}).data.split_fractions == \
+        (0.6, 0.2, 0.2)
+    with pytest.raises(ConfigError, match="data.split_fractions.*folder only.*'synthetic'"):
+        load(None, {"data.dataset": "synthetic", "data.split_fractions": [0.7, 0.1, 0.2]})
+    from metanas_ray.config import describe
+    line = next(line for line in describe(Config()).splitlines() if "split_fractions" in line)
+    assert line.startswith("  split_fractions: [0.64, 0.16, 0.2]  # folder only") and "64/16/20" in line
+
+
 def test_unknown_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="task.lr"):
         load(None, {"task.lr": 0.1})

@@ -84,10 +84,11 @@ def test_one_and_two_workers_give_the_same_meta_parameters_and_a_killed_worker_c
 def test_the_official_options_give_the_same_result_on_one_and_two_workers(ray_session, smoke_cfg, tmp_path):
     """Drop-path and minibatches come from each task's own generator, and the kept Adam moments are the mean over
     the meta-batch: one process and two Ray Train workers end at the same meta-parameters and moments."""
-    from metanas_ray.train_loop import Recorder, meta_train
+    from metanas_ray.recording import RunRecorder
+    from metanas_ray.train_loop import meta_train
     cfg = _cfg(smoke_cfg, 2, **OFFICIAL)
     one = RunDir(tmp_path / "one").create(cfg)
-    s1 = meta_train(cfg, Recorder(one))
+    s1 = meta_train(cfg, RunRecorder(one, cfg))
     two = RunDir(tmp_path / "two").create(cfg)
     s2 = fit(cfg, two)
     assert s2["workers"] == 2

@@ -9,7 +9,8 @@ from metanas_ray.rundir import RunDir
 
 from metanas_ray import checkpoint
 from metanas_ray.run import main
-from metanas_ray.train_loop import Recorder, meta_train
+from metanas_ray.recording import RunRecorder
+from metanas_ray.train_loop import meta_train
 
 from conftest import OFFICIAL, ROOT, SMOKE
 
@@ -60,14 +61,14 @@ def test_a_meta_step_changes_w_and_alpha_and_seed_determines_everything(tmp_path
     finals = []
     for name in ("a", "b"):
         from metanas_ray.rundir import RunDir
-        meta_train(cfg, Recorder(RunDir(tmp_path / name).create(cfg)))
+        meta_train(cfg, RunRecorder(RunDir(tmp_path / name).create(cfg), cfg))
         finals.append(_final_state(tmp_path / name)["state"])
     for part in ("weights", "alphas"):
         assert any(not torch.equal(finals[0][part][k], start[part][k]) for k in start[part]), part
         for k in start[part]:
             assert torch.equal(finals[0][part][k], finals[1][part][k])
     other = cfg.override({"run.seed": 1})
-    meta_train(other, Recorder(RunDir(tmp_path / "c").create(other)))
+    meta_train(other, RunRecorder(RunDir(tmp_path / "c").create(other), other))
     assert not torch.equal(_final_state(tmp_path / "c")["state"]["weights"]["stem.0.weight"],
                            finals[0]["weights"]["stem.0.weight"])
 
@@ -76,9 +77,9 @@ class _Crash(Exception):
     pass
 
 
-class CrashAfter(Recorder):
-    def __init__(self, run, step):
-        super().__init__(run)
+class CrashAfter(RunRecorder):
+    def __init__(self, run, cfg, step):
+        super().__init__(run, cfg)
         self.step = step
 
     def record(self, rows, payload, keep, comm=None, device="cpu"):
@@ -92,9 +93,9 @@ class CrashAfter(Recorder):
 def test_resume_is_bit_identical(tmp_path, smoke_cfg, options):
     from metanas_ray.rundir import RunDir
     cfg = smoke_cfg.override({"meta.optimizer": "adam", "meta.lr_w": 0.01, "meta.lr_alpha": 0.01, **options})
-    meta_train(cfg, Recorder(RunDir(tmp_path / "straight").create(cfg)))
+    meta_train(cfg, RunRecorder(RunDir(tmp_path / "straight").create(cfg), cfg))
     with pytest.raises(_Crash):
-        meta_train(cfg, CrashAfter(RunDir(tmp_path / "broken").create(cfg), 5))
+        meta_train(cfg, CrashAfter(RunDir(tmp_path / "broken").create(cfg), cfg, 5))
     assert main(["--resume", str(tmp_path / "broken"), "--in-process"]) == 0
     a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "broken")
     for part in ("weights", "alphas"):
@@ -141,6 +142,7 @@ def test_a_run_finished_with_resume_drops_the_error_of_its_earlier_stop(tmp_path
     (["--set", "data.n_way=13"], "data.n_way=13"),
     (["--set", "data.n_query=8"], "data.k_shot + data.n_query"),
     (["--set", "data.dataset=omniglot", "--set", "data.download=false"], "images_background.zip"),
+    (["--set", "data.split_fractions=[0.5, 0.5]"], "data.split_fractions"),
 ])
 def test_bad_input_gets_one_clear_message(tmp_path, capsys, args, needle):
     code, out = run(tmp_path, "bad", *args, "--data-root", str(tmp_path / "nodata")) if "omniglot" in " ".join(args) \
@@ -196,3 +198,37 @@ def test_print_config_shows_every_key_its_default_and_meaning_and_writes_nothing
     assert "  lr_w: 0.05  # (default: 0.1) λ_task, SGD learning rate of the weights w" in printed
     assert "  k_shot: 1  # k training images per class (the task's D_train)" in printed  # the default: no note
     assert sum(1 for line in printed.splitlines() if line.startswith("  ")) == len(flat_keys())
+
+
+def _flat_folder(root, n_classes, per_class):
+    """``root/<class>/*.png``, a user's folder as it is: no train/val/test, greyscale and colour, sizes that differ."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(n_classes):
+        (root / f"kind{c:02d}").mkdir(parents=True)
+        for i in range(per_class):
+            shape = (18 + i, 20 + c % 4) + ((3,) if c % 2 else ())
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / f"kind{c:02d}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_a_flat_folder_of_class_folders_trains_end_to_end_and_writes_its_split(tmp_path):
+    root = _flat_folder(tmp_path / "mine", 32, 4)  # default data.split_fractions: 21 / 5 / 6 classes
+    code, out = run(tmp_path, "flat", "--data-root", str(root), "--set", "data.dataset=folder",
+                    "--set", "run.meta_steps=2", "--set", "eval.every=0", "--set", "eval.test_tasks=2")
+    assert code == 0 and (out / "summary.json").is_file()
+    split = json.loads((out / "split.json").read_text())
+    train, val, test = (set(split[s]) for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (21, 5, 6)
+    assert not (train & val or train & test or val & test)
+    assert train | val | test == {f"kind{c:02d}" for c in range(32)}
+    assert split["dataset"] == "folder" and "data.split_fractions=[0.64, 0.16, 0.2]" in split["split_rule"]
+
+
+def test_the_split_file_goes_with_a_run_directory_that_is_discarded(tmp_path, smoke_cfg):
+    run_dir = RunDir(tmp_path / "gone").create(smoke_cfg)
+    run_dir.write_split({"dataset": "synthetic", "train": ["a"], "val": ["b"], "test": ["c"]})
+    assert json.loads(run_dir.split_file.read_text())["test"] == ["c"]
+    assert run_dir.discard() and not run_dir.path.exists()

@@ -10,7 +10,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from .image_folder import load_image_folder, load_miniimagenet
+from .image_folder import load_image_folder, load_miniimagenet, split_classes
 from .omniglot import load_omniglot, val_alphabets, with_rotations
 from .synthetic import make_synthetic
 from .tasks import (SPLITS, ClassPool, DataError, MetaSplits, Task, TaskSampler, cache_path, check_tasks,
@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "SPLITS", "ClassPool", "DataError", "MetaSplits", "Task", "TaskSampler", "cache_path", "check_tasks",
-    "load_image_folder", "load_miniimagenet", "load_omniglot", "load_splits", "make_synthetic", "task_seed",
-    "val_alphabets", "with_rotations",
+    "load_image_folder", "load_miniimagenet", "load_omniglot", "load_splits", "make_synthetic", "split_classes",
+    "task_seed", "val_alphabets", "with_rotations",
 ]
 
 
@@ -36,7 +36,7 @@ def load_splits(cfg: DataConfig) -> MetaSplits:
     elif cfg.dataset == "miniimagenet":
         splits = load_miniimagenet(cfg.root, cfg.image_size)
     elif cfg.dataset == "folder":
-        splits = load_image_folder(cfg.root, cfg.image_size)
+        splits = load_image_folder(cfg.root, cfg.image_size, split_fractions=cfg.split_fractions)
     elif cfg.dataset == "synthetic":
         splits = make_synthetic(cfg.synthetic_classes, cfg.synthetic_per_class, cfg.image_size)
     else:

@@ -92,7 +92,9 @@ class ClassPool:
 
 @dataclass
 class MetaSplits:
-    """The three disjoint class pools of a dataset. ``from_cache`` tells whether it was read from the cache."""
+    """The three disjoint class pools of a dataset. ``from_cache`` tells whether it was read from the cache;
+    ``split_rule`` says how the loader dealt the classes to the splits where it chose them (a flat folder of
+    class folders, see ``image_folder``), for messages and the run directory's ``split.json``."""
 
     train: ClassPool
     val: ClassPool
@@ -101,6 +103,7 @@ class MetaSplits:
     channels: int
     image_size: int
     from_cache: bool = field(default=False, compare=False)
+    split_rule: str = field(default="", compare=False)
 
     def pool(self, split: str) -> ClassPool:
         if split not in SPLITS:
@@ -110,6 +113,12 @@ class MetaSplits:
     def summary(self) -> str:
         return ", ".join(f"{split_label(s)} {self.pool(s).n_classes} classes / {len(self.pool(s).images)} images"
                          for s in SPLITS)
+
+    def class_split(self) -> dict[str, Any]:
+        """The class names of each split, as the run directory's ``split.json`` holds them:
+        ``{"dataset": name, ["split_rule": ...,] "train": [...], "val": [...], "test": [...]}``."""
+        rule = {"split_rule": self.split_rule} if self.split_rule else {}
+        return {"dataset": self.name, **rule, **{s: list(self.pool(s).class_names) for s in SPLITS}}
 
 
 @dataclass
@@ -189,11 +198,18 @@ class TaskSampler:
 def check_tasks(cfg: DataConfig, splits: MetaSplits, seed: int = 0) -> dict[str, TaskSampler]:
     """The meta-train/val/test samplers for ``cfg`` (seeded with ``seed``, the run seed), raising
     :class:`DataError` when a split cannot give ``data.n_way``-way ``k + data.n_query`` tasks. Meta-training
-    tasks have ``data.train_shots`` shots (0: ``data.k_shot``), the others ``data.k_shot``."""
+    tasks have ``data.train_shots`` shots (0: ``data.k_shot``), the others ``data.k_shot``. Where the loader chose
+    the split (``splits.split_rule``, a flat folder), the error ends with how it did."""
     train_shots = cfg.train_shots or cfg.k_shot
-    return {s: TaskSampler(splits.pool(s), cfg.n_way, train_shots if s == "train" else cfg.k_shot, cfg.n_query, seed,
-                           s, splits.name, "data.train_shots" if s == "train" and cfg.train_shots else "data.k_shot")
-            for s in SPLITS}
+    try:
+        return {s: TaskSampler(splits.pool(s), cfg.n_way, train_shots if s == "train" else cfg.k_shot, cfg.n_query,
+                               seed, s, splits.name,
+                               "data.train_shots" if s == "train" and cfg.train_shots else "data.k_shot")
+                for s in SPLITS}
+    except DataError as e:
+        if not splits.split_rule:
+            raise
+        raise DataError(f"{e} ({splits.split_rule})") from None
 
 
 # ---------------------------------------------------------------- cache
