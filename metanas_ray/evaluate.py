@@ -18,6 +18,7 @@ import logging
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -125,31 +126,63 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def main(argv: list[str] | None = None) -> int:
-    from . import checkpoint
-    from .data import DataError, load_splits
-    from .memory import keep_freed_memory
-    from .rundir import RunDir, RunDirError
-    from .state import build_network
+# keys that shape the trained network or the classes it was trained on: evaluate cannot change them
+_FIXED_DATA = ("data.dataset", "data.n_way", "data.image_size")
 
-    p = argparse.ArgumentParser(prog="python -m metanas_ray.evaluate", description=__doc__.split("\n\n")[0])
+
+def parser() -> argparse.ArgumentParser:
+    from .cli import add_shared
+
+    p = argparse.ArgumentParser(prog="python -m metanas_ray.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("run_dir", help="a run directory written by metanas_ray.run")
-    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="the meta-test classes (default) or the meta-validation classes")
     p.add_argument("--tasks", type=int, default=0, help="number of tasks (default: eval.test_tasks / val_tasks)")
     p.add_argument("--checkpoint", default="", help="a checkpoint file (default: the run's latest)")
-    p.add_argument("--data-root", default="", help="override data.root of the saved config")
+    add_shared(p, "evaluate")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    return p
+
+
+def resolve(args: argparse.Namespace):
+    """The run directory and its config with evaluate's overrides (``eval.*``, ``data.*``, ``run.seed``)."""
+    from .cli import overrides
+    from .config import ConfigError
+    from .rundir import RunDir
+
+    changes = overrides(args)
+    for key in changes:
+        if not key.startswith(("eval.", "data.")) and key != "run.seed" or key in _FIXED_DATA:
+            raise ConfigError(f"evaluate cannot change '{key}': it takes eval.* and data.* keys (not "
+                              f"{', '.join(_FIXED_DATA)}, which shape the trained network) and --seed")
+    run = RunDir(args.run_dir)
+    return run, run.open_existing().override(changes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import checkpoint
+    from .config import ConfigError, describe
+    from .data import DataError, load_splits
+    from .memory import keep_freed_memory
+    from .rundir import RunDirError, writing
+    from .state import build_network
+
+    p = parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.tasks < 0:
         p.error(f"--tasks must be at least 1 (0: eval.test_tasks / eval.val_tasks), got {args.tasks}")
     try:
-        device = _device(args.device)
-        run = RunDir(args.run_dir)
+        run, cfg = resolve(args)
+        if args.print_config:
+            print(describe(cfg), end="")
+            return 0
+        if args.num_gpus is not None and args.num_gpus > 1:
+            raise ConfigError(f"--num-gpus {args.num_gpus}: evaluate runs on one device (0: the CPU, 1: the GPU)")
+        device = _device({None: args.device, 0: "cpu", 1: "cuda"}[args.num_gpus])
         payload, ckpt_path = run.load_checkpoint(args.checkpoint, "to evaluate")
-        cfg = run.open_existing()
-        if args.data_root:
-            cfg = cfg.override({"data.root": args.data_root})
         splits = load_splits(cfg.data)
         pool = splits.test if args.split == "test" else splits.val
         d = cfg.data
@@ -161,13 +194,26 @@ def main(argv: list[str] | None = None) -> int:
         moments = Moments.of_checkpoint(payload, device)
         result = meta_test(net, place(net, payload["state"], device), sampler, n, cfg, device=device,
                            moments=moments, threshold=meta_test_threshold(cfg) if args.split == "test" else None)
-    except (RunDirError, checkpoint.CheckpointError, DataError, ValueError) as e:
+        result.update(split=args.split, checkpoint=str(ckpt_path), meta_steps=payload["step"],
+                      seconds=time.perf_counter() - t0, device=str(device), seed=cfg.run.seed,
+                      set=_changed(cfg, run))
+        out = Path(args.output) if args.output else \
+            run.path / f"evaluation-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        with writing(out):
+            out.write_text(json.dumps(result, indent=2) + "\n")
+    except (ConfigError, RunDirError, checkpoint.CheckpointError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result.update(split=args.split, checkpoint=str(ckpt_path), meta_steps=payload["step"],
-                  seconds=time.perf_counter() - t0, device=str(device))
     print(json.dumps(result, indent=2))
+    print(f"-> {out}", file=sys.stderr)
     return 0
+
+
+def _changed(cfg: Config, run) -> dict:
+    """The keys evaluate changed from the run's saved config (what the JSON was measured with)."""
+    from .config import flat_keys
+    saved = flat_keys(run.open_existing())
+    return {k: v for k, v in flat_keys(cfg).items() if saved.get(k) != v}
 
 
 if __name__ == "__main__":

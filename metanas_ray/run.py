@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 from . import checkpoint
-from .config import RESUMABLE, Config, ConfigError, describe, load, parse_overrides, resumable
+from .cli import add_shared
+from .cli import overrides as shared_overrides
+from .config import RESUMABLE, Config, ConfigError, describe, load, resumable
 from .data import DataError
 from .inner_loop import NonFiniteLossError
 from .interrupt import StopOnSignal, Stopped
@@ -35,36 +37,15 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m metanas_ray.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--config", help="a YAML run config (see tune_configs/); default: the built-in defaults")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set task.lr_w=0.05 (repeatable)")
-    p.add_argument("--data-root", help="dataset directory (data.root)")
-    p.add_argument("--output", help="run directory (default: runs/<config>-<time>)")
-    p.add_argument("--seed", type=int, help="run.seed")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    p.add_argument("--num-workers", type=int, help="CPU workers (scale.num_workers)")
-    p.add_argument("--num-gpus", type=int, help="GPU workers, one GPU each (scale.num_gpus)")
-    p.add_argument("--address", help="Ray cluster address (scale.address; default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--mlflow", metavar="URI", help="also log to MLflow (run.mlflow), e.g. file:runs/mlflow; "
-                   "needs pip install 'metanas-ray[mlflow]'")
+    add_shared(p, "run")
     p.add_argument("--in-process", action="store_true",
                    help="run the loop in this process, without Ray (on the GPU with --num-gpus 1)")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config (every key, its default where it differs, what it means) and exit")
     return p
 
 
 def resolve(args: argparse.Namespace) -> tuple[Config, RunDir, dict | None]:
     """The config, run directory and (for --resume) checkpoint payload that the arguments ask for."""
-    overrides = parse_overrides(args.overrides)
-    if args.num_workers is not None and args.num_workers < 1:
-        raise ConfigError(f"--num-workers must be at least 1, got {args.num_workers}")
-    if args.num_gpus is not None and args.num_gpus < 0:
-        raise ConfigError(f"--num-gpus must be at least 0, got {args.num_gpus} (0: CPU workers)")
-    for flag, key in (("data_root", "data.root"), ("seed", "run.seed"), ("num_workers", "scale.num_workers"),
-                      ("num_gpus", "scale.num_gpus"), ("address", "scale.address"), ("mlflow", "run.mlflow")):
-        if getattr(args, flag) is not None:
-            overrides[key] = getattr(args, flag)
+    overrides = shared_overrides(args)
     if args.resume:
         if args.config:
             raise ConfigError("--resume continues a run with its saved config; drop --config")

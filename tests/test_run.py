@@ -51,6 +51,13 @@ def test_smoke_config_writes_the_whole_run_directory(tmp_path, capsys):
     printed = capsys.readouterr().out
     again = json.loads(printed[printed.rindex("\n{\n") + 1:])
     assert again["tasks"] == 4 and again["split"] == "val" and 0 <= again["accuracy_hard"] <= 1
+    (kept,) = out.glob("evaluation-val-*.json")  # and kept in the run directory
+    assert json.loads(kept.read_text()) == again and again["set"] == {}
+    # evaluate takes --set for eval.* and data.*, and --output for the JSON
+    assert evaluate([str(out), "--tasks", "2", "--set", "eval.steps=1", "--seed", "3",
+                     "--output", str(tmp_path / "e.json")]) == 0
+    other = json.loads((tmp_path / "e.json").read_text())
+    assert other["set"] == {"eval.steps": 1, "run.seed": 3} and other["seed"] == 3 and other["split"] == "test"
 
 
 @pytest.mark.slow
