@@ -218,6 +218,7 @@ def adapt(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, cfg: 
     if cfg.optimizer == "adam" and moments is None:
         moments = Moments.zeros(params)
     loss = acc = None
+    losses = torch.empty(steps, device=x.device)
     for step in range(steps):
         batch = _batch(y, step, size, cfg.batch_sampling, batches, generator)
         xb, yb = (x, y) if batch is None else (x[batch], y[batch])
@@ -227,21 +228,7 @@ def adapt(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, cfg: 
         drop = net.drop_path_masks(len(yb), drop_path, generator, x.device) if drop_path > 0 else None
         logits = forward(net, {"weights": w, "alphas": a}, xb, taus[step], bf16=cfg.bf16, drop=drop)
         loss = F.cross_entropy(logits, yb)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            if step == 0 and not torch.isfinite(xb).all():
-                raise NonFiniteLossError(f"the task's images hold NaN or infinite values (loss {value})")
-            if step == 0:  # no inner update yet: the meta-parameters it started from are the cause
-                raise NonFiniteLossError(
-                    f"the task-learner's loss is {value} before its first step: the meta-parameters blew up; "
-                    f"lower meta.lr_w or meta.lr_alpha")
-            raise NonFiniteLossError(
-                f"the task-learner's loss became {value} at inner step {step}; "
-                f"lower task.lr_w (λ_task={cfg.lr_w}) or task.lr_alpha (ξ_task={cfg.lr_alpha})")
-        first = value if step == 0 else first
-        if step > 0 and value > 100 * max(first, 1e-3):
-            _warn_diverging(f"the task-learner's loss grew from {first:.3g} to {value:.3g} within one task (inner "
-                            f"step {step}): it diverges; lower task.lr_w (λ_task={cfg.lr_w})")
+        losses[step] = loss.detach()  # read once, after the last step: no host synchronisation per step
         # soft-pruned terms leave some weights out of the graph: their gradient is zero
         grads = list(torch.autograd.grad(loss, w_list + a_list, allow_unused=True, materialize_grads=True))
         g_w, g_a = grads[:len(w_list)], grads[len(w_list):]
@@ -260,8 +247,33 @@ def adapt(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, cfg: 
             if a_list:
                 torch._foreach_add_(a_list, g_a, alpha=-cfg.lr_alpha)
         acc = (logits.detach().argmax(-1) == yb).float().mean()
+    _check_losses(losses.tolist(), x, cfg)
     adapted = {"weights": {k: v.detach() for k, v in w.items()}, "alphas": {k: v.detach() for k, v in a.items()}}
     return adapted, {"loss": float(loss.detach()), "accuracy": float(acc)}
+
+
+def _check_losses(values: list[float], x: torch.Tensor, cfg: TaskLearnerConfig) -> None:
+    """After a task's inner steps, their training losses in order: the first non-finite one is an error naming
+    its cause (the images, the meta-parameters before step 0, or λ_task / ξ_task); a loss that grew 100-fold
+    within the task warns once. Checked once per task, so that a step needs no host synchronisation (a GPU runs
+    ahead); a task whose loss turned non-finite computes its remaining steps on NaN first, and is then refused."""
+    for step, value in enumerate(values):
+        if not math.isfinite(value):
+            if step == 0 and not torch.isfinite(x).all():
+                raise NonFiniteLossError(f"the task's images hold NaN or infinite values (loss {value})")
+            if step == 0:  # no inner update yet: the meta-parameters it started from are the cause
+                raise NonFiniteLossError(
+                    f"the task-learner's loss is {value} before its first step: the meta-parameters blew up; "
+                    f"lower meta.lr_w or meta.lr_alpha")
+            raise NonFiniteLossError(
+                f"the task-learner's loss became {value} at inner step {step}; "
+                f"lower task.lr_w (λ_task={cfg.lr_w}) or task.lr_alpha (ξ_task={cfg.lr_alpha})")
+    first = values[0] if values else 0.0
+    for step, value in enumerate(values[1:], 1):
+        if value > 100 * max(first, 1e-3):
+            _warn_diverging(f"the task-learner's loss grew from {first:.3g} to {value:.3g} within one task (inner "
+                            f"step {step}): it diverges; lower task.lr_w (λ_task={cfg.lr_w})")
+            break
 
 
 _warned: set[str] = set()

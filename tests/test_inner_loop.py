@@ -144,3 +144,18 @@ def test_bf16_autocast_runs_the_convolutions_in_bfloat16_and_keeps_float32_state
             err = (v - exact[part][k]).norm()
             assert err <= 0.2 * delta.norm() + 1e-3, (k, float(err), float(delta.norm()))
     assert any(not torch.equal(low["weights"][k], exact["weights"][k]) for k in low["weights"])
+
+
+def test_the_loss_is_read_back_once_per_task_not_once_per_step(smoke_cfg, synthetic_splits, monkeypatch):
+    """No host synchronisation for the finite-loss check inside a step (a GPU runs ahead): Conv4, which prunes
+    nothing, reads tensors back only after its last step (the final loss, accuracy and the step losses)."""
+    from metanas_ray.data import check_tasks
+    cfg = smoke_cfg.override({"model.kind": "conv4", "model.conv4_channels": 8})
+    net = build_network(cfg, synthetic_splits.channels)
+    task = check_tasks(cfg.data, synthetic_splits)["train"].sample(0, 0)
+    reads = []
+    for name in ("__float__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name: reads.append(_n) or _real(self, *a))
+    adapt(net, init_state(cfg, net), task.x_train, task.y_train, cfg.task, steps=7)
+    assert len(reads) == 3, reads
