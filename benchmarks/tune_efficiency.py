@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from metanas_ray.ray_train import init_ray
-    from metanas_ray.tune import SweepError, prepare, run_sweep
+    from metanas_ray.sweep import SweepError, prepare
+    from metanas_ray.tune import run_sweep
 
     out = Path(args.out or ROOT / "runs" / f"tune_efficiency-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -126,15 +126,15 @@ def predict(run: Run | str | Path, support: str | Path, hard: bool = False) -> P
 def tune(sweep: str | Path | None, output: str | Path, resume: bool = False) -> dict[str, Any]:
     """Run the Ray Tune sweep file ``sweep`` into ``output`` (``resume``: continue the sweep saved there; ``sweep``
     may then be None); returns its summary (``summary.json``: the best trial, its values, its meta-test accuracy)."""
-    import importlib
-    tune_mod = importlib.import_module("metanas_ray.tune")
     from .ray_train import init_ray
+    from .sweep import prepare
+    from .tune import run_sweep
 
     out = Path(output).expanduser().resolve()
-    s = tune_mod.prepare(sweep, out, resume, {})
+    s = prepare(sweep, out, resume, {})
     started = init_ray(s.base, dashboard=s.on_train)
     try:
-        return tune_mod.run_sweep(s, out, resume).summary
+        return run_sweep(s, out, resume).summary
     finally:
         if started:
             import ray

@@ -62,6 +62,8 @@ def add_shared(p: argparse.ArgumentParser, command: str) -> None:
         kw: dict[str, Any] = {"help": helps[command]}
         if flag == "--print-config":
             kw["action"] = "store_true"
+        elif flag == "--resume" and command == "tune":  # "--output DIR --resume", the older form, still works
+            kw.update(metavar=metavar, nargs="?", const="")
         elif flag == "--set":
             kw.update(dest="overrides", action="append", default=[], metavar=metavar)
         else:

@@ -32,7 +32,8 @@ from .train_loop import meta_train
 
 log = logging.getLogger(__name__)
 
-_CKPT_FILE = "state.pt"
+CHECKPOINT_FILE = "state.pt"
+"""The payload's file in a checkpoint reported to Ray Train or Tune (:func:`report_with_checkpoint`)."""
 _FAILED = "failed"  # a failure that a restart cannot fix is returned as {_FAILED: (kind, message)}, not raised
 _STOPPED = "stopped"  # a stop on request (SIGINT/SIGTERM) after meta-step N: {_STOPPED: N}
 
@@ -48,20 +49,23 @@ class RayRecorder(RunRecorder):
     def report(self, rows: list[dict[str, Any]], payload: dict[str, Any] | None) -> None:
         """Checkpoints only: every ``ray.train.report`` is a barrier of all workers through a Ray actor (about
         1.5 s a call here), and the metrics rows are in metrics.csv and in every checkpoint already."""
-        import ray.train
-
         if payload is None:
             return
         metrics = {k: v for k, v in rows[-1].items()} if rows else {}
         metrics["step"] = payload["step"]
-        with tempfile.TemporaryDirectory() as tmp:
-            if self.rank == 0:
-                checkpoint.save(Path(tmp) / _CKPT_FILE, payload)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None)
+        report_with_checkpoint(metrics, payload, self.rank)
 
     def finish(self, summary, state, cfg, rows) -> None:
         if self.tracker is not None:  # the driver writes genotype, plots, summary and the final figures
             self.tracker.close()
+
+
+def absolute_data_root(cfg: Config) -> Config:
+    """``cfg`` with its data root made absolute: Ray Train workers and Tune trials run in other working
+    directories (synthetic data has no root)."""
+    if cfg.data.dataset == "synthetic":
+        return cfg
+    return cfg.override({"data.root": str(Path(cfg.data.root).expanduser().resolve())})
 
 
 def worker_env(threads: int) -> dict[str, str]:
@@ -81,22 +85,58 @@ def quiet_worker_logs(rank: int) -> None:
         pass
 
 
-def train_func(config: dict[str, Any]) -> dict[str, Any]:
-    """The Ray Train worker function: load data once, agree that every worker could, then meta-train."""
+def report_with_checkpoint(metrics: dict[str, Any], payload: dict[str, Any] | None, rank: int, *,
+                           tune_session: bool = False) -> None:
+    """Report ``metrics`` with ``payload`` as the checkpoint, which rank 0 saves (None: no checkpoint): to Ray
+    Train from a worker (every rank calls: each report is a barrier of all workers), or, ``tune_session``, to
+    Tune from a trial's own process. :func:`load_reported` reads the payload back."""
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = rank == 0 and payload is not None
+        if saved:
+            checkpoint.save(Path(tmp) / CHECKPOINT_FILE, payload)
+        if tune_session:
+            from ray import tune
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp) if saved else None)
+        else:
+            import ray.train
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if saved else None)
+
+
+def load_reported(ckpt) -> dict[str, Any] | None:
+    """The payload of a checkpoint (a ``ray.train`` or ``ray.tune`` Checkpoint) that
+    :func:`report_with_checkpoint` reported; None for None."""
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return checkpoint.load(Path(d) / CHECKPOINT_FILE)
+
+
+def worker_setup(config: dict[str, Any]) -> tuple[Config, int, Any, Any, dict[str, Any] | None]:
+    """The start of a Ray Train worker, of a run or of a Tune trial: (its config, from ``config["cfg"]``; its
+    world rank, progress logged from rank 0 only; the ``torch.distributed`` communicator; its device, its GPU
+    when ``scale.num_gpus``; the payload of the checkpoint that Ray Train restarted it from, None on a first
+    start)."""
     import ray.train
     import ray.train.torch
     import torch
 
     from .comm import TorchDistComm
+
+    cfg = from_dict(config["cfg"])
+    rank = ray.train.get_context().get_world_rank()
+    quiet_worker_logs(rank)
+    device = ray.train.torch.get_device() if cfg.scale.num_gpus else torch.device("cpu")
+    return cfg, rank, TorchDistComm(), device, load_reported(ray.train.get_checkpoint())
+
+
+def train_func(config: dict[str, Any]) -> dict[str, Any]:
+    """The Ray Train worker function: load data once, agree that every worker could, then meta-train."""
+    import torch
+
     from .data import DataError, check_tasks, load_splits
     from .inner_loop import NonFiniteLossError
 
-    cfg = from_dict(config["cfg"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    quiet_worker_logs(rank)
-    comm = TorchDistComm()
-    device = ray.train.torch.get_device() if cfg.scale.num_gpus else torch.device("cpu")
+    cfg, rank, comm, device, restarted = worker_setup(config)
     error, splits = "", None
     try:
         splits = load_splits(cfg.data)
@@ -107,15 +147,11 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     ok = comm.all_reduce_sum(torch.tensor([0.0 if error else 1.0], device=device))
     if int(ok.item()) < comm.world:
         return {_FAILED: ("DataError", error or "another worker could not load the dataset (see its log)")}
-    resume = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # restarted by FailureConfig: continue from the last reported checkpoint
-        with ckpt.as_directory() as d:
-            resume = checkpoint.load(Path(d) / _CKPT_FILE)
+    resume = config.get("resume")
+    if restarted is not None:  # restarted by FailureConfig: continue from the last reported checkpoint
+        resume = restarted
         if rank == 0:
             log.info("restarting from the checkpoint of meta-step %d", resume["step"])
-    elif config.get("resume") is not None:
-        resume = config["resume"]
     try:
         return meta_train(cfg, RayRecorder(RunDir(config["run_dir"]), cfg, rank), comm, device, resume, splits)
     except Stopped as e:  # SIGINT/SIGTERM on the driver: the checkpoint of this step is saved
@@ -232,8 +268,7 @@ def fit(cfg: Config, run: RunDir, resume: dict[str, Any] | None = None) -> dict[
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if cfg.data.dataset != "synthetic":  # workers have another working directory: make the data root absolute
-        cfg = cfg.override({"data.root": str(Path(cfg.data.root).expanduser().resolve())})
+    cfg = absolute_data_root(cfg)  # workers have another working directory
     started = init_ray(cfg)
     reclaim_signals()
     try:
@@ -265,7 +300,7 @@ def fit(cfg: Config, run: RunDir, resume: dict[str, Any] | None = None) -> dict[
             raise _error(*summary[_FAILED])
         if isinstance(summary, dict) and _STOPPED in summary:
             raise Stopped(summary[_STOPPED])
-        payload = checkpoint.load(run.latest_checkpoint() or Path(result.checkpoint.path) / _CKPT_FILE)
+        payload = checkpoint.load(run.latest_checkpoint() or Path(result.checkpoint.path) / CHECKPOINT_FILE)
         summary = dict(summary or {})
         summary["workers"] = n
         summary["fit_seconds"] = time.perf_counter() - t0

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MLFLOW_FILE = "mlflow.json"  # in the run directory: {"tracking_uri", "experiment_id", "run_id"}
 EXPERIMENT = "metanas-ray"
+SWEEP_EXPERIMENT = "metanas-ray-sweeps"  # one MLflow run per trial
 FINAL = ("meta_test_accuracy_soft", "meta_test_ci95_soft", "meta_test_accuracy_hard", "meta_test_ci95_hard",
          "meta_val_accuracy_best", "tasks_per_second", "wall_seconds")
 
@@ -77,6 +78,22 @@ def start_mlflow(run_dir: Path, cfg: Config) -> str:
     record.write_text(json.dumps({"tracking_uri": cfg.run.mlflow, "experiment_id": experiment,
                                   "run_id": run_id}, indent=2) + "\n")
     return run_id
+
+
+def mlflow_callback(uri: str):
+    """Tune's MLflowLoggerCallback for a sweep (each trial one MLflow run), once the store answers; a
+    ConfigError naming ``--mlflow`` otherwise, before any trial."""
+    try:
+        client = _mlflow_client(uri)
+        if client.get_experiment_by_name(SWEEP_EXPERIMENT) is None:
+            client.create_experiment(SWEEP_EXPERIMENT)
+    except ConfigError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--mlflow {uri}: cannot open the MLflow store: {first}") from None
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    return MLflowLoggerCallback(tracking_uri=uri, experiment_name=SWEEP_EXPERIMENT)
 
 
 def end_mlflow(run_dir: Path, status: str) -> None:

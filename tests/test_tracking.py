@@ -2,49 +2,35 @@
 from __future__ import annotations
 
 import csv
-import struct
 from pathlib import Path
 
 import pytest
 
 from metanas_ray.run import main
+from tb_events import read_events, scalars
 
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "smoke.yaml"
 
 
-def read_events(directory: Path) -> list:
-    """Every event of the TFRecord files under ``directory`` (length, its CRC, the Event proto, its CRC)."""
-    from tensorboardX.proto import event_pb2
-
-    events = []
-    for f in sorted(Path(directory).rglob("events.out.tfevents.*")):
-        data, i = f.read_bytes(), 0
-        while i < len(data):
-            n = struct.unpack("<Q", data[i:i + 8])[0]
-            events.append(event_pb2.Event.FromString(data[i + 12:i + 12 + n]))
-            i += 12 + n + 4
-    return events
+def _has_mlflow() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("mlflow") is not None
 
 
-def scalars(events: list) -> dict[str, dict[int, float]]:
-    out: dict[str, dict[int, float]] = {}
-    for e in events:
-        for v in e.summary.value:
-            if v.HasField("simple_value"):
-                out.setdefault(v.tag, {})[e.step] = v.simple_value
-    return out
-
-
-def _run(tmp_path, *extra) -> Path:
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory):
+    """One smoke run (4 meta-steps) with TensorBoard, and MLflow where the extra is installed: (run dir, store)."""
+    tmp = tmp_path_factory.mktemp("tracked")
+    store = f"file:{tmp / 'mlruns'}" if _has_mlflow() else ""
+    out = tmp / "run"
     assert main(["--config", str(SMOKE), "--in-process", "--output", str(out), "--set", "run.meta_steps=4",
-                 "--set", "eval.every=2", "--set", "run.log_every=1", *extra]) == 0
-    return out
+                 "--set", "eval.every=2", "--set", "run.log_every=1", *(["--mlflow", store] if store else [])]) == 0
+    return out, store
 
 
 @pytest.mark.slow
-def test_a_run_writes_its_metrics_final_figures_genotype_and_plots_as_tensorboard_events(tmp_path):
-    out = _run(tmp_path)
+def test_a_run_writes_its_metrics_final_figures_genotype_and_plots_as_tensorboard_events(tracked_run):
+    out, _ = tracked_run
     events = read_events(out / "tb")
     s = scalars(events)
     rows = list(csv.DictReader((out / "metrics.csv").open()))
@@ -61,19 +47,21 @@ def test_a_run_writes_its_metrics_final_figures_genotype_and_plots_as_tensorboar
                if v.tag in pictures)
 
 
-@pytest.mark.slow
 def test_tensorboard_can_be_turned_off(tmp_path):
-    out = _run(tmp_path, "--set", "run.tensorboard=false")
-    assert not (out / "tb").exists()
+    from metanas_ray.config import load
+    from metanas_ray.tracking import Tracker
+    tracker = Tracker(tmp_path, load(SMOKE, {"run.tensorboard": False}))
+    tracker.rows([{"step": 1, "train_accuracy": 0.5}])
+    tracker.finish({"meta_test_accuracy_soft": 0.5}, "", tmp_path, 1)
+    assert not (tmp_path / "tb").exists()
 
 
 @pytest.mark.slow
-def test_mlflow_gets_the_config_the_metrics_per_step_and_the_run_directory(tmp_path):
+def test_mlflow_gets_the_config_the_metrics_per_step_and_the_run_directory(tracked_run):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    store = f"file:{tmp_path / 'mlruns'}"
-    out = _run(tmp_path, "--mlflow", store)
+    out, store = tracked_run
     client = MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name("metanas-ray").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "run"

@@ -12,8 +12,9 @@ from ray import tune
 
 from metanas_ray import run as run_cli
 import importlib
-sweep_mod = importlib.import_module("metanas_ray.tune")
-from metanas_ray.tune import REPORTED, load_sweep, main, run_sweep, sample_configs
+tune_mod = importlib.import_module("metanas_ray.tune")
+from metanas_ray.sweep import REPORTED, SweepError, load_sweep, prepare, sample_configs
+from metanas_ray.tune import main, run_sweep
 
 from conftest import ROOT
 
@@ -39,8 +40,11 @@ def _rows(out):
 
 
 def test_smoke_sweep_stops_bad_trials_writes_every_output_and_its_best_config_runs(ray_session, tmp_path, capsys):
+    import importlib.util
     out = tmp_path / "sweep"
-    assert main(["--config", str(SWEEP_SMOKE), "--output", str(out), "--verbose", "0"]) == 0
+    store = f"file:{tmp_path / 'mlruns'}" if importlib.util.find_spec("mlflow") else ""
+    assert main(["--config", str(SWEEP_SMOKE), "--output", str(out), "--verbose", "0",
+                 *(["--mlflow", store] if store else [])]) == 0
     for name in OUTPUTS:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
 
@@ -75,6 +79,17 @@ def test_smoke_sweep_stops_bad_trials_writes_every_output_and_its_best_config_ru
     progress = list(csv.DictReader(next((out / "tune").glob(f"trial_{best['trial_id']}/progress.csv")).open()))
     assert set(REPORTED) | {"step"} <= set(progress[0])  # what the sweep may name as its metric is reported
     assert [int(p["step"]) for p in progress] == [2, 4, 6]  # one report per meta-validation
+    # TensorBoard: Tune's own logger writes each trial's reports beside it (tensorboard --logdir runs/)
+    from tb_events import read_events, scalars
+    tb = scalars(read_events(out / "tune" / f"trial_{best['trial_id']}"))
+    assert [v for k, v in tb.items() if k.endswith("/val_accuracy")][0] == pytest.approx(
+        dict(enumerate((float(p["val_accuracy"]) for p in progress), 1)))
+    if store:  # MLflow: one run per trial, its values and reports
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(store)
+        runs = client.search_runs([client.get_experiment_by_name("metanas-ray-sweeps").experiment_id])
+        assert sorted(float(r.data.params["task.lr_w"]) for r in runs) == sorted(float(r["task.lr_w"]) for r in rows)
+        assert all("val_accuracy" in r.data.metrics for r in runs)
 
     capsys.readouterr()
     best_run = tmp_path / "best_run"
@@ -100,7 +115,7 @@ def _assert_resumed_from_checkpoints(sweep, out, rows):
             assert rep["val_accuracy"] == pytest.approx(first.setdefault(rep["step"], rep)["val_accuracy"],
                                                         abs=1e-6), rep["step"]
         redone += [step for step in set(steps) if steps.count(step) > 1]
-    for t in sweep_mod._records(sweep, sweep_mod._saved_results(sweep, out)):
+    for t in tune_mod._records(sweep, tune_mod._saved_results(sweep, out)):
         assert [int(h["step"]) for h in t.history] == [2, 4, 6]
     return redone
 
@@ -132,7 +147,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_sess
                                                "task.tau_alpha_end": {"uniform": [0.05, 0.5]}},
                              scheduler={"name": "fifo"})
     out = tmp_path / "sweep"
-    s = sweep_mod.prepare(sweep_file, out, resume=False)
+    s = prepare(sweep_file, out, resume=False)
     first = run_sweep(s, out, callbacks=[_Interrupt(tmp_path / "interrupted")])
     assert first.interrupted and not (out / "summary.json").exists()
     finished = {t.trial_id: t for t in first.trials if t.status == "TERMINATED"}
@@ -159,10 +174,10 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_sess
 def test_a_sweep_interrupted_at_a_report_redoes_one_interval_with_the_same_result(ray_session, tmp_path, capsys):
     sweep_file = _sweep_file(tmp_path, search={"task.lr_w": {"grid": [3.0]}}, scheduler={"name": "fifo"})
     out = tmp_path / "sweep"
-    s = sweep_mod.prepare(sweep_file, out, resume=False)
+    s = prepare(sweep_file, out, resume=False)
     assert run_sweep(s, out, callbacks=[_Interrupt(tmp_path / "interrupted", at_step=4)]).interrupted
     capsys.readouterr()
-    assert main(["--output", str(out), "--resume", "--verbose", "0"]) == 0
+    assert main(["--resume", str(out), "--verbose", "0"]) == 0
     rows = _rows(out)
     assert [(r["status"], r["meta_steps"]) for r in rows] == [("TERMINATED", "6")]
     assert _assert_resumed_from_checkpoints(s, out, rows) == [4]  # resumed from step 2's checkpoint
@@ -186,11 +201,11 @@ def test_a_sweep_that_tune_aborts_says_how_to_resume_and_resumes(ray_session, tm
     sweep_file = _sweep_file(tmp_path, search={"task.lr_w": {"grid": [3.0, 0.01]}}, scheduler={"name": "fifo"},
                              max_concurrent=1)
     out = tmp_path / "sweep"
-    s = sweep_mod.prepare(sweep_file, out, resume=False)
-    with pytest.raises(sweep_mod.SweepError) as e:
+    s = prepare(sweep_file, out, resume=False)
+    with pytest.raises(SweepError) as e:
         run_sweep(s, out, callbacks=[_CrashAfterFirstTrial(tmp_path / "crashed")])
     message = str(e.value)
-    assert "running low on memory" in message and f"--output {out} --resume" in message
+    assert "running low on memory" in message and f"--resume {out}" in message
     assert not (out / "summary.json").exists()
     assert main(["--output", str(out), "--resume", "--verbose", "0"]) == 0
     rows = _rows(out)
