@@ -18,8 +18,10 @@ import torch
 from PIL import Image
 
 from metanas_ray.config import Config, ConfigError, DataConfig
-from metanas_ray.data import DataError, check_tasks, load_omniglot, load_splits, val_alphabets
+from metanas_ray.data import (DataError, TaskSampler, check_tasks, load_omniglot, load_splits, val_alphabets,
+                              with_rotations)
 from metanas_ray.data import omniglot as omniglot_module
+from test_data_tasks import mapped_file
 
 REAL = Path(__file__).parents[1].parent / "shared/data/omniglot"
 BACKGROUND = ["Alpha", "Beta", "Gamma", "Delta"]  # sorted: Alpha, Beta, Delta, Gamma → val: Gamma (the last)
@@ -119,6 +121,46 @@ def test_rotations_are_classes(fake: dict[str, Path], tmp_path: Path) -> None:
         assert torch.equal(s.train.class_images(r), torch.rot90(base, r, dims=(2, 3)))
 
 
+def test_the_cache_holds_the_rotated_pools_mapped_and_draws_what_rotating_after_loading_drew(
+        fake: dict[str, Path], tmp_path: Path) -> None:
+    """The pools are read memory-mapped as cached (no per-process rotated copy), and are exactly what rotating
+    the characters after loading gave before the cache held the rotations: the same tasks for (seed, step, index)."""
+    root = _copy(fake["zips"], tmp_path / "z")
+    splits = [load_omniglot(root, 28, download=False) for _ in range(2)]  # the build, then a cache hit
+    sources = {n: omniglot_module._scan_zip(root / f"{n}.zip") for n in omniglot_module.SETS}
+    before = dict(zip(("train", "val", "test"), map(with_rotations, omniglot_module._split_by_alphabets(sources, 28))))
+    cache = str((root / ".metanas_cache" / "omniglot_28.pt").resolve())
+    for s in splits:
+        for split, old in before.items():
+            pool = s.pool(split)
+            if Path("/proc/self/maps").is_file():
+                assert mapped_file(pool.images) == cache
+            assert torch.equal(pool.images, old.images) and pool.class_names == old.class_names
+            new_tasks, old_tasks = TaskSampler(pool, 5, 1, 3, 7, split), TaskSampler(old, 5, 1, 3, 7, split)
+            for step, index in ((0, 0), (1, 3), (40, 1)):
+                a, b = new_tasks.sample(step, index), old_tasks.sample(step, index)
+                assert a.classes == b.classes and torch.equal(a.x_train, b.x_train)
+                assert torch.equal(a.x_query, b.x_query)
+
+
+def test_a_cache_written_before_the_rotations_were_cached_is_rebuilt_not_misread(fake: dict[str, Path],
+                                                                                tmp_path: Path) -> None:
+    root = _copy(fake["zips"], tmp_path / "z")
+    s = load_omniglot(root, 28, download=False)
+    cache = root / ".metanas_cache" / "omniglot_28.pt"
+    new = torch.load(cache, weights_only=True)
+    old = {**new, "fingerprint": new["fingerprint"].replace("|" + omniglot_module.CACHE_LAYOUT, ""), "splits": {
+        split: {"images": torch.cat([pool.class_images(c) for c in range(0, pool.n_classes, 4)]),
+                "class_starts": pool.class_starts[::4].clone(),
+                "class_names": [n.rsplit("/", 1)[0] for n in pool.class_names[::4]]}
+        for split, pool in ((x, s.pool(x)) for x in ("train", "val", "test"))}}  # the characters, unrotated
+    cache.unlink()
+    torch.save(old, cache)
+    rebuilt = load_omniglot(root, 28, download=False)
+    assert not rebuilt.from_cache and load_omniglot(root, 28, download=False).from_cache
+    _same(s, rebuilt)
+
+
 def test_cache_hit_and_rebuild(fake: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = _copy(fake["zips"], tmp_path / "z")
     cache = root / ".metanas_cache" / "omniglot_28.pt"
@@ -130,7 +172,9 @@ def test_cache_hit_and_rebuild(fake: dict[str, Path], tmp_path: Path, caplog: py
     assert second.from_cache and cache.stat().st_mtime_ns == mtime
     assert any("from cache" in r.getMessage() for r in caplog.records)
     _same(first, second)
-    # a corrupt cache is rebuilt with a warning
+    # a corrupt cache is rebuilt with a warning (a new file: first and second map the old one, which must not
+    # shrink under them)
+    cache.unlink()
     cache.write_bytes(b"not a torch file" * 10)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="metanas_ray.data"):

@@ -1,12 +1,15 @@
-"""TaskSampler: task structure, seeding / determinism, and the early size checks."""
+"""TaskSampler: task structure, seeding / determinism, and the early size checks; the memory-mapped cache."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from metanas_ray.config import DataConfig
-from metanas_ray.data import (ClassPool, DataError, MetaSplits, TaskSampler, check_tasks, make_synthetic,
-                              task_seed)
+from metanas_ray.data import (ClassPool, DataError, MetaSplits, TaskSampler, cache_path, check_tasks,
+                              make_synthetic, task_seed)
+from metanas_ray.data.tasks import cached_splits
 
 N_CLASSES, PER_CLASS = 10, 8
 
@@ -114,3 +117,53 @@ def test_class_pool_validation() -> None:
         ClassPool(pool.images, torch.tensor([0, 4, 8]), pool.class_names)  # too few starts
     with pytest.raises(DataError):
         ClassPool(pool.images.float(), pool.class_starts, pool.class_names)
+
+
+def mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose memory map holds ``t``'s data (Linux ``/proc/self/maps``), or None (anonymous memory)."""
+    ptr = t.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(a, 16) for a in fields[0].split("-"))
+        if start <= ptr < end:
+            return fields[5] if len(fields) == 6 and fields[5].startswith("/") else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc/self/maps")
+def test_cached_pools_map_the_cache_file_and_draw_the_same_tasks(tmp_path: Path) -> None:
+    """The cache is read memory-mapped (the workers of a node share its pages), after a build as on a hit, and
+    tasks drawn from the mapped pools are those drawn from the pools in memory."""
+    built = make_synthetic(n_classes=6, per_class=5, image_size=8)
+    first = cached_splits(tmp_path, "toy", "fp", lambda: built)
+    again = cached_splits(tmp_path, "toy", "fp", lambda: pytest.fail("rebuilt"))
+    path = str(cache_path(tmp_path, "toy"))
+    assert not first.from_cache and again.from_cache
+    for splits in (first, again):
+        for split in ("train", "val", "test"):
+            pool, ref = splits.pool(split), built.pool(split)
+            assert mapped_file(pool.images) == path and mapped_file(ref.images) is None
+            assert torch.equal(pool.images, ref.images) and torch.equal(pool.class_starts, ref.class_starts)
+            a, b = TaskSampler(pool, 3, 1, 2, 5, split), TaskSampler(ref, 3, 1, 2, 5, split)
+            for step, index in ((0, 0), (3, 1), (7, 2)):
+                ta, tb = a.sample(step, index), b.sample(step, index)
+                assert ta.classes == tb.classes and torch.equal(ta.x_train, tb.x_train)
+                assert torch.equal(ta.x_query, tb.x_query)
+
+
+def test_a_cache_that_cannot_be_mapped_is_read_into_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    built = make_synthetic(n_classes=3, per_class=4, image_size=8)
+    cached_splits(tmp_path, "toy", "fp", lambda: built)
+    load = torch.load
+
+    def no_mmap(*args, mmap=None, **kwargs):  # a filesystem without mmap
+        if mmap:
+            raise RuntimeError("mmap not supported")
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", no_mmap)
+    with caplog.at_level("INFO", logger="metanas_ray.data"):
+        again = cached_splits(tmp_path, "toy", "fp", lambda: pytest.fail("rebuilt"))
+    assert again.from_cache and torch.equal(again.test.images, built.test.images)
+    assert any("could not be memory-mapped" in r.getMessage() for r in caplog.records)

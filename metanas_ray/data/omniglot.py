@@ -26,10 +26,18 @@ Each character gives 4 classes, its rotations by 0, 90, 180, 270 degrees (``Alph
 rotations of a character always share its split. Classes are ordered by (set, alphabet, character, rotation).
 
 Preprocessing: each 105×105 drawing → grayscale, PIL LANCZOS resize to ``image_size``², inverted so strokes
-are bright and the background is 0, uint8. The result (unrotated) is cached as one tensor file per split rule,
-see :func:`metanas_ray.data.tasks.cache_path` (``<root>/.metanas_cache/omniglot_<size>.pt`` for ``alphabets``,
-``omniglot_vinyals_<size>.pt`` for ``vinyals``; under ``$XDG_CACHE_HOME/metanas_ray/`` with a ``_<hash>``
-suffix when the root is read-only).
+are bright and the background is 0, uint8. The pools, rotations included (~100 MB at 28²), are cached as one
+tensor file per split rule, see :func:`metanas_ray.data.tasks.cache_path` (``<root>/.metanas_cache/omniglot_<size>.pt``
+for ``alphabets``, ``omniglot_vinyals_<size>.pt`` for ``vinyals``; under ``$XDG_CACHE_HOME/metanas_ray/`` with a
+``_<hash>`` suffix when the root is read-only), and read memory-mapped: the workers of a node share one copy.
+(Caches written before the rotations were stored, which held the characters alone, have another fingerprint
+and are rebuilt.)
+
+Not torchvision (``benchmarks/data_cache.py`` measured it), one reason each:
+
+* download: ``torchvision.datasets.utils.download_url`` has no timeout and leaves a partial or bad file in place.
+* decoding: ``torchvision.io.decode_png`` is slower (≈230 vs ≈190 CPU µs a drawing) and its tensors lack LANCZOS.
+* ``datasets.Omniglot``, ``download_and_extract_archive``: they extract 32,460 files; the zips are read as they are.
 """
 from __future__ import annotations
 
@@ -59,6 +67,7 @@ URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{}.z
 MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718", "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811"}
 ROTATIONS = (0, 90, 180, 270)
 SPLIT_RULE = "val=sorted(background)[5::6] or last; rot=0,90,180,270"  # part of the cache key
+CACHE_LAYOUT = "pools=rotated"  # part of the cache key: the cache holds the rotated pools (before: the characters)
 SPLITS_BY = ("alphabets", "vinyals")  # data.split
 VINYALS_FILE = Path(__file__).with_name("omniglot_vinyals.json")
 DOWNLOAD_TIMEOUT_S = 60.0
@@ -302,10 +311,9 @@ def load_omniglot(root: str | Path, image_size: int = 28, download: bool = True,
         for name, src in sources.items():
             if not src.chars:
                 raise DataError(f"Omniglot {src.path} holds no drawings (expected {name}/<Alphabet>/characterNN/*.png)")
-        train, val, test = (_split_by_alphabets(sources, image_size) if lists is None
-                            else _split_by_vinyals(sources, lists, image_size))
+        chars = (_split_by_alphabets(sources, image_size) if lists is None
+                 else _split_by_vinyals(sources, lists, image_size))
+        train, val, test = (with_rotations(pool) for pool in chars)  # cached rotated: mapped as is, no copy
         return MetaSplits(train=train, val=val, test=test, name="omniglot", channels=1, image_size=image_size)
 
-    chars = cached_splits(root, stem, f"{fingerprint}|split={rule}", build)
-    return MetaSplits(with_rotations(chars.train), with_rotations(chars.val), with_rotations(chars.test),
-                      "omniglot", 1, image_size, from_cache=chars.from_cache)
+    return cached_splits(root, stem, f"{fingerprint}|split={rule}|{CACHE_LAYOUT}", build)

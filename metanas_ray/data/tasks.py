@@ -9,6 +9,12 @@ The cache (:func:`cached_splits`) stores the pools as ONE ``torch.save`` file of
 (read back with ``weights_only=True``), written atomically (tmp file + ``os.replace``), under
 ``<root>/.metanas_cache/<stem>.pt`` when the data root is writable, else
 ``$XDG_CACHE_HOME/metanas_ray/<stem>_<hash of resolved root>.pt`` (default ``~/.cache``).
+
+The cache is read memory-mapped (``torch.load(mmap=True)``): the pools' pixels are the file's pages in the
+page cache, so the workers on one node hold one copy between them, not one each (the process that builds the
+cache maps the file it wrote, too). Nothing copies a pool after loading; a task gathers only its own images.
+A file that cannot be mapped (a filesystem without mmap) is read into memory instead. Delete or replace a
+cache file, never overwrite it in place: a process mapping a file that shrinks under it dies of SIGBUS.
 """
 from __future__ import annotations
 
@@ -250,15 +256,27 @@ def _unpack(obj: Any) -> MetaSplits:
                       int(obj["image_size"]), from_cache=True)
 
 
+def _load_mapped(path: Path) -> Any:
+    """``torch.load`` the cache memory-mapped (its tensors are the file's pages, shared by the processes of a
+    node); read into memory where mapping fails (e.g. a filesystem without mmap). Raises if both fail."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - a corrupt file fails below too, and is rebuilt by the caller
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        log.info("cache %s could not be memory-mapped (%s: %s); read into memory, one copy per process", path,
+                 type(e).__name__, e)
+        return obj
+
+
 def _try_load(path: Path, fingerprint: str) -> MetaSplits | None:
     if not path.is_file():
         return None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _load_mapped(path)
         if not isinstance(obj, dict) or obj.get("version") != CACHE_VERSION:
             raise DataError(f"unexpected content (version {obj.get('version') if isinstance(obj, dict) else '?'})")
         if obj.get("fingerprint") != fingerprint:
-            log.info("cache %s was built from other source files; rebuilding", path)
+            log.info("cache %s was built from other source files or by another version; rebuilding", path)
             return None
         return _unpack(obj)
     except Exception as e:  # noqa: BLE001 - any unreadable cache is rebuilt
@@ -308,7 +326,8 @@ def _build_lock(path: Path) -> Iterator[None]:
 def cached_splits(root: str | Path, stem: str, fingerprint: str, build: Callable[[], MetaSplits]) -> MetaSplits:
     """Read the cache of ``root`` for ``stem`` if it matches ``fingerprint``, else ``build()`` and write it.
 
-    A corrupt cache file is rebuilt (with a warning); a cache that cannot be written only logs a warning.
+    The pools returned map the cache file (module docstring), also right after a build. A corrupt cache file is
+    rebuilt (with a warning); a cache that cannot be written only logs a warning (the built pools are returned).
     """
     path = cache_path(root, stem)
     splits = _try_load(path, fingerprint)
@@ -323,6 +342,9 @@ def cached_splits(root: str | Path, stem: str, fingerprint: str, build: Callable
         try:
             save_atomic(_pack(splits, fingerprint), path)
             log.info("wrote cache %s", path)
+            # map the file just written, as every later load does: its pages are then shared with the other
+            # processes of this node, and the memory of the build is freed
+            splits = _try_load(path, fingerprint) or splits
         except OSError as e:
             log.warning("could not write cache %s (%s); the data will be rebuilt next time", path, e)
     splits.from_cache = False
