@@ -1,6 +1,6 @@
 """Every failure ends in one clear line and a way back: interrupts, write errors, corrupt checkpoints, blow-ups,
 config traps. Each test asserts the message and the exit code, and, where there is a run to continue, that it then
-finishes exactly as an undisturbed run does. README.md's "When things go wrong" lists the same cases."""
+finishes exactly as an undisturbed run does. docs/failures.md lists the same cases."""
 import contextlib
 import json
 import os
