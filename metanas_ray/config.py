@@ -136,7 +136,8 @@ class ScaleConfig:
     """Where the meta-training loop runs (Ray Train)."""
 
     num_workers: int = 0  # CPU workers (0: a sensible default for the machine)
-    num_gpus: int = 0  # GPU workers, one GPU each
+    num_gpus: int = 0  # GPUs; with workers_per_gpu 1 (the default) one worker each
+    workers_per_gpu: int = 1  # workers sharing each GPU, 1/N of it each (gloo then: NCCL takes one rank per GPU)
     address: str = ""  # a Ray cluster to join ("": RAY_ADDRESS or a local Ray on 127.0.0.1)
     max_failures: int = 3  # restarts from the last checkpoint when a worker dies
 
@@ -508,4 +509,7 @@ def validate(cfg: Config) -> None:
     need(r.keep_freed_memory_mb >= 0, "run.keep_freed_memory_mb", "must be >= 0 (0: malloc's default)")
     need(s.num_workers >= 0, "scale.num_workers", f"must be >= 0 (0: automatic), got {s.num_workers}")
     need(s.num_gpus >= 0, "scale.num_gpus", f"must be >= 0, got {s.num_gpus}")
+    need(s.workers_per_gpu >= 1, "scale.workers_per_gpu", f"must be at least 1, got {s.workers_per_gpu}")
+    need(s.workers_per_gpu == 1 or s.num_gpus > 0, "scale.workers_per_gpu",
+         f"is {s.workers_per_gpu} but scale.num_gpus is 0: it shares GPUs between workers")
     need(s.max_failures >= 0, "scale.max_failures", "must be >= 0")

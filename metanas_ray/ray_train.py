@@ -245,7 +245,8 @@ def _local_gpus() -> int:
 
 
 def workers_for(cfg: Config) -> tuple[int, bool, int]:
-    """(number of workers, use GPUs, torch threads per worker) for the cluster Ray is connected to."""
+    """(number of workers, use GPUs, torch threads per worker) for the cluster Ray is connected to: on GPUs,
+    ``scale.num_gpus × scale.workers_per_gpu`` workers."""
     import ray
 
     res = ray.cluster_resources()
@@ -254,12 +255,25 @@ def workers_for(cfg: Config) -> tuple[int, bool, int]:
     if s.num_gpus:
         if s.num_gpus > gpus:
             raise ScaleError(f"--num-gpus {s.num_gpus} asks for more GPUs than the Ray cluster has ({gpus})")
-        return s.num_gpus, True, cfg.run.threads or max(1, cpus // s.num_gpus // 2)
+        n = s.num_gpus * s.workers_per_gpu
+        return n, True, cfg.run.threads or max(1, cpus // n // 2)
     n = s.num_workers or max(1, min(cpus, cfg.meta.meta_batch))
     if n > cpus:
         raise ScaleError(f"--num-workers {n} asks for more CPUs than the Ray cluster has ({cpus}); "
                          f"each CPU worker takes one CPU")
     return n, False, cfg.run.threads or max(1, cpus // n)
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """What one Ray Train worker holds: one CPU, or 1/``scale.workers_per_gpu`` of a GPU."""
+    return {"GPU": 1 / cfg.scale.workers_per_gpu} if cfg.scale.num_gpus else {"CPU": 1}
+
+
+def torch_config(cfg: Config):
+    """The process group's backend: Ray Train's default (gloo on CPUs, NCCL on GPUs), but gloo where workers
+    share a GPU (NCCL refuses two ranks on one device)."""
+    from ray.train.torch import TorchConfig
+    return TorchConfig(backend="gloo") if cfg.scale.num_gpus and cfg.scale.workers_per_gpu > 1 else TorchConfig()
 
 
 def fit(cfg: Config, run: RunDir, resume: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -279,8 +293,8 @@ def fit(cfg: Config, run: RunDir, resume: dict[str, Any] | None = None) -> dict[
         trainer = TorchTrainer(
             train_func,
             train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run.path), "resume": resume},
-            scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu,
-                                         resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1}),
+            scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker=worker_resources(cfg)),
+            torch_config=torch_config(cfg),
             run_config=RunConfig(
                 name="train", storage_path=str(run.path / "ray"),
                 failure_config=FailureConfig(max_failures=cfg.scale.max_failures),

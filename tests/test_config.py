@@ -28,6 +28,8 @@ def test_yaml_and_overrides(tmp_path):
     ("model:\n  ops: [conv_3x3, conv_9x9]\n", "conv_9x9"),
     ("model:\n  reduction_layers: [7]\n", "model.reduction_layers"),
     ("run:\n  keep_freed_memory_mb: -1\n", "run.keep_freed_memory_mb"),
+    ("scale:\n  workers_per_gpu: 2\n", "scale.workers_per_gpu"),  # without GPUs
+    ("scale:\n  num_gpus: 1\n  workers_per_gpu: 0\n", "scale.workers_per_gpu"),
     ("data: [1, 2]\n", "data"),
     ("data:\n  n_way: [1\n", "not valid YAML"),
     ("- a\n- b\n", "mapping"),
