@@ -470,7 +470,6 @@ def validate(cfg: Config) -> None:
     need(0.0 <= me.prune_threshold < 1.0, "meta.prune_threshold", f"must be in [0, 1), got {me.prune_threshold}")
     need(e.arch_steps == -1 or 0 <= e.arch_steps <= e.steps, "eval.arch_steps",
          f"must be -1 (all) or in 0..eval.steps ({e.steps}), got {e.arch_steps}")
-    need(e.batch_size >= 0, "eval.batch_size", f"must be >= 0 (0: all of D_train), got {e.batch_size}")
     need(math.isfinite(e.tau_end) and e.tau_end >= 0, "eval.tau_end",
          f"must be 0 (task.tau_*_end) or a positive number, got {e.tau_end}")
     need(e.tau_end <= min(t.tau_alpha_start, t.tau_beta_start), "eval.tau_end",
@@ -479,7 +478,6 @@ def validate(cfg: Config) -> None:
          f"must be -1 (model.prune_threshold) or in [0, 1), got {e.prune_threshold}")
     need(e.warmup_arch in ("adapt", "frozen"), "eval.warmup_arch",
          f"must be 'adapt' or 'frozen', got '{e.warmup_arch}'")
-    need(t.steps >= 1, "task.steps", f"must be at least 1, got {t.steps}")
     for key, v in (("task.lr_w", t.lr_w), ("task.lr_alpha", t.lr_alpha), ("meta.lr_w", me.lr_w),
                    ("meta.lr_alpha", me.lr_alpha), ("task.grad_clip", t.grad_clip)):
         need(math.isfinite(v) and v >= 0, key, f"must be a finite number >= 0, got {v}")
@@ -491,25 +489,20 @@ def validate(cfg: Config) -> None:
     need(t.tau_schedule in ("exponential", "linear", "constant"), "task.tau_schedule",
          f"must be exponential, linear or constant, got '{t.tau_schedule}'")
     need(me.algorithm in ("reptile", "fomaml"), "meta.algorithm", f"must be 'reptile' or 'fomaml', got '{me.algorithm}'")
-    need(t.batch_size >= 0, "task.batch_size", f"must be >= 0 (0: all of D_train), got {t.batch_size}")
     need(t.optimizer in ("sgd", "adam"), "task.optimizer", f"must be 'sgd' or 'adam', got '{t.optimizer}'")
     need(me.optimizer in ("sgd", "adam"), "meta.optimizer", f"must be 'sgd' or 'adam', got '{me.optimizer}'")
-    need(me.meta_batch >= 1, "meta.meta_batch", f"must be at least 1, got {me.meta_batch}")
     need(me.anneal in ("linear", "constant"), "meta.anneal", f"must be 'linear' or 'constant', got '{me.anneal}'")
-    need(me.warmup_steps >= 0, "meta.warmup_steps", "must be >= 0")
-    need(e.every >= 0, "eval.every", "must be >= 0")
-    need(e.val_tasks >= 1, "eval.val_tasks", "must be at least 1")
-    need(e.test_tasks >= 1, "eval.test_tasks", "must be at least 1")
-    need(e.steps >= 1, "eval.steps", "must be at least 1")
-    need(r.meta_steps >= 1, "run.meta_steps", f"must be at least 1, got {r.meta_steps}")
-    need(r.log_every >= 1, "run.log_every", "must be at least 1")
-    need(r.checkpoint_every >= 1, "run.checkpoint_every", "must be at least 1")
-    need(r.keep_checkpoints >= 1, "run.keep_checkpoints", "must be at least 1")
-    need(r.threads >= 0, "run.threads", "must be >= 0")
-    need(r.keep_freed_memory_mb >= 0, "run.keep_freed_memory_mb", "must be >= 0 (0: malloc's default)")
-    need(s.num_workers >= 0, "scale.num_workers", f"must be >= 0 (0: automatic), got {s.num_workers}")
-    need(s.num_gpus >= 0, "scale.num_gpus", f"must be >= 0, got {s.num_gpus}")
-    need(s.workers_per_gpu >= 1, "scale.workers_per_gpu", f"must be at least 1, got {s.workers_per_gpu}")
+    # whole numbers with a least value, and what that least value means where it is special
+    for key, least, meaning in (
+            ("task.steps", 1, ""), ("task.batch_size", 0, "0: all of D_train"), ("meta.meta_batch", 1, ""),
+            ("meta.warmup_steps", 0, ""), ("eval.every", 0, "0: never"), ("eval.val_tasks", 1, ""),
+            ("eval.test_tasks", 1, ""), ("eval.steps", 1, ""), ("eval.batch_size", 0, "0: all of D_train"),
+            ("run.meta_steps", 1, ""), ("run.log_every", 1, ""), ("run.checkpoint_every", 1, ""),
+            ("run.keep_checkpoints", 1, ""), ("run.threads", 0, "0: cores / workers"),
+            ("run.keep_freed_memory_mb", 0, "0: malloc's default"), ("scale.num_workers", 0, "0: automatic"),
+            ("scale.num_gpus", 0, ""), ("scale.workers_per_gpu", 1, ""), ("scale.max_failures", 0, "")):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        need(value >= least, key, f"must be at least {least}{f' ({meaning})' if meaning else ''}, got {value}")
     need(s.workers_per_gpu == 1 or s.num_gpus > 0, "scale.workers_per_gpu",
          f"is {s.workers_per_gpu} but scale.num_gpus is 0: it shares GPUs between workers")
-    need(s.max_failures >= 0, "scale.max_failures", "must be >= 0")
