@@ -130,13 +130,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "omniglot"))
     p.add_argument("--in-process", action="store_true", help="meta-train in one process instead of Ray Train")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "budget.json"))
+    p.add_argument("--append", action="store_true",
+                   help="add these variants to the results already in --out (same test tasks), then re-plot")
     args = p.parse_args(argv)
     if min(args.budgets) <= 0 or args.test_tasks < 2 or args.every < 1:
         p.error("--budgets must be positive, --test-tasks at least 2, --every at least 1")
     variants = [parse_variant(v) for v in (args.variant or VARIANTS)]
     results: dict[str, list[dict]] = {}
+    earlier: dict = json.loads(Path(args.out).read_text()) if args.append and Path(args.out).is_file() else {}
+    if earlier and earlier.get("test_tasks") != args.test_tasks:
+        p.error(f"--append: {args.out} was meta-tested on {earlier.get('test_tasks')} tasks, not {args.test_tasks}")
+    results.update(earlier.get("results", {}))
+    variants = [(n, c, s) for n, c, s in ((k, v["config"], v["set"]) for k, v in earlier.get("variants", {}).items())
+                if n not in {v[0] for v in variants}] + variants
+    commands = earlier.get("commands", [earlier["command"]] if "command" in earlier else [])
+    args.commands = commands + ["python -m benchmarks.budget " + " ".join(argv or sys.argv[1:])]
+    args.all_budgets = sorted(set(earlier.get("budgets_seconds", [])) | set(args.budgets))
     with tempfile.TemporaryDirectory() as tmp:
         for name, config, sets in variants:
+            if name in results:  # measured by an earlier --append run
+                continue
             kept = train(name, config, sets, args.budgets, Path(tmp), args)
             results[name] = []
             for budget, (ckpt, seconds) in sorted(kept.items()):
@@ -146,14 +159,20 @@ def main(argv: list[str] | None = None) -> int:
                                           "accuracy_soft", "ci95_soft", "accuracy_hard", "ci95_hard", "tasks")}})
                 print(f"{name} at {budget:.0f} s: {r['meta_steps']} meta-steps, soft {100 * r['accuracy_soft']:.1f}% "
                       f"± {100 * r['ci95_soft']:.1f}, hard {100 * r['accuracy_hard']:.1f}%", flush=True)
+            write(results, variants, args, argv)  # after each variant: a later failure loses nothing measured
+    print(f"-> {args.out}, {Path(args.out).with_suffix('.png')}")
+    return 0
+
+
+def write(results: dict, variants: list, args, argv: list[str] | None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python -m benchmarks.budget " + " ".join(argv or sys.argv[1:]),
+    out.write_text(json.dumps({"commands": args.commands,
                                "variants": {n: {"config": c, "set": s} for n, c, s in variants},
-                               "test_tasks": args.test_tasks, "results": results}, indent=2) + "\n")
+                               "budgets_seconds": args.all_budgets, "test_tasks": args.test_tasks,
+                               "machine": {"cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0]},
+                               "results": results}, indent=2) + "\n")
     plot(results, out.with_suffix(".png"))
-    print(f"-> {out}, {out.with_suffix('.png')}")
-    return 0
 
 
 if __name__ == "__main__":

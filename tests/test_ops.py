@@ -22,10 +22,11 @@ CHILD = textwrap.dedent("""
 
     torch.manual_seed(0)
     for n, c, h in ((5, 4, 12), (5, 8, 16), (5, 12, 12), (3, 4, 7), (20, 28, 28)):
+        reps = 10 if (n, c, h) == (5, 4, 12) else 2  # the shape that corrupted the heap gets the most tries
         for channels_last in (True, False):
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             mod = FactorizedReduce(c, c)
-            for _ in range(10):
+            for _ in range(reps):
                 x = torch.randn(n, c, h, h).contiguous(memory_format=fmt).requires_grad_(True)
                 ws = [mod.conv1.weight, mod.conv2.weight]
                 out = torch.cat(factorized_halves(F.relu(x), *ws), dim=1)
@@ -40,7 +41,7 @@ CHILD = textwrap.dedent("""
                 mod(x).sum().backward()  # the module, as preproc0 runs it
             # a stride-2 skip_connect on 3 edges at once, as a reduction cell runs it
             ops = EdgeOps(c, 2, 3, ("skip_connect",))
-            for _ in range(10):
+            for _ in range(reps):
                 x = torch.randn(n, c, h, h).contiguous(memory_format=fmt).requires_grad_(True)
                 terms = ops(x, torch.rand(3, 1), [[True]] * 3)
                 sum(t.square().sum() for edge in terms for t, _ in edge).backward()
