@@ -115,19 +115,21 @@ class Tracker:
     def __init__(self, run_dir: Path, cfg: Config):
         self.run_dir, self.cfg = Path(run_dir), cfg
         self.last_step = 0
+        self._purge_from: int | None = None  # after a resume: TensorBoard drops what a crashed session logged here
         self._tb = None
         self._mlflow = None  # (client, run_id)
         self._failed: set[str] = set()
 
     def resumed_at(self, step: int) -> None:
         self.last_step = step
+        self._purge_from = step + 1 if step else None
 
     # -- the two backends, opened on first use; a failure warns once and turns that backend off ----------------
     def _writer(self):
         if self._tb is None and self.cfg.run.tensorboard and "tensorboard" not in self._failed:
             try:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.last_step + 1 if self.last_step else None,
+                self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self._purge_from,
                                          flush_secs=30)
             except Exception as e:
                 self._fail("tensorboard", e)

@@ -95,3 +95,44 @@ def test_without_mlflow_installed_the_flag_says_what_to_install(tmp_path, capsys
     monkeypatch.setattr(builtins, "__import__", no_mlflow)
     assert main(["--config", str(SMOKE), "--in-process", "--output", str(tmp_path / "r"), "--mlflow", "file:x"]) == 2
     assert "pip install 'metanas-ray[mlflow]'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_mlflow_run_and_tensorboard_without_duplicates(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from metanas_ray.config import load
+    from metanas_ray.recording import RunRecorder
+    from metanas_ray.rundir import RunDir
+    from metanas_ray.tracking import start_mlflow
+    from metanas_ray.train_loop import meta_train
+
+    class Crash(Exception):
+        pass
+
+    class CrashAfter(RunRecorder):
+        def record(self, rows, payload, keep, comm=None, device="cpu"):
+            super().record(rows, payload, keep, comm, device)
+            if rows and rows[-1]["step"] == 3:  # a row logged after the checkpoint of step 2, then a crash
+                raise Crash()
+
+    store = f"file:{tmp_path / 'mlruns'}"
+    cfg = load(SMOKE, {"run.meta_steps": 4, "eval.every": 0, "run.log_every": 1, "run.checkpoint_every": 2,
+                       "run.mlflow": store})
+    run = RunDir(tmp_path / "run").create(cfg)
+    start_mlflow(run.path, cfg)
+    with pytest.raises(Crash):
+        meta_train(cfg, CrashAfter(run, cfg))
+    assert main(["--resume", str(run.path), "--in-process"]) == 0
+    rows = list(csv.DictReader(run.metrics_file.open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    client = MlflowClient(store)
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("metanas-ray").experiment_id])
+    assert mlrun.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(mlrun.info.run_id, "train_accuracy")]
+    assert sorted(set(steps)) == [1, 2, 3, 4]  # step 3 twice at most: MLflow keeps what the crashed session sent
+    from tb_events import read_events
+    events = read_events(run.path / "tb")
+    purges = [e.step for e in events if e.HasField("session_log")]
+    assert purges == [3]  # TensorBoard drops the crashed session's step 3 and shows the resumed one
