@@ -72,8 +72,11 @@ class PoolBN(nn.Sequential):
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return (torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-            else torch.contiguous_format)
+    try:
+        return (torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+                else torch.contiguous_format)
+    except RuntimeError:  # inside torch.func.vmap (batched.py) only the default layout can be asked for: NCHW
+        return torch.contiguous_format
 
 
 def factorized_halves(r: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,

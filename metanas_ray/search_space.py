@@ -103,16 +103,20 @@ class SearchCell(nn.Module):
             EdgeOps(c, 2 if reduction and src < 2 else 1, len(ks), ops) for src, ks in enumerate(self.source_edges))
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
-                threshold: float = 0.0, drop: torch.Tensor | None = None) -> torch.Tensor:
+                threshold: float | None = 0.0, drop: torch.Tensor | None = None) -> torch.Tensor:
         """``weights``: ``[E, O]`` combined edge weights; terms with weight <= threshold are skipped.
-        ``drop``: ``[B, E, O]`` per-image drop-path multipliers (None: no drop-path)."""
+        ``drop``: ``[B, E, O]`` per-image drop-path multipliers (None: no drop-path). ``threshold`` None: every
+        term is computed, with no decision read from ``weights`` (under ``torch.func.vmap``, see ``batched``)."""
         states = [self.preproc0(s0), self.preproc1(s1)]
-        active = (weights > threshold).tolist()
         n_ops = self.n_ops
-        for own in self.node_edges:
-            if not any(any(active[k]) for k in own):  # all pruned: keep the strongest term
-                flat = int(weights[own.start:own.stop].argmax())
-                active[own.start + flat // n_ops][flat % n_ops] = True
+        if threshold is None:
+            active = [[True] * n_ops for _ in self.edge_list]
+        else:
+            active = (weights > threshold).tolist()
+            for own in self.node_edges:
+                if not any(any(active[k]) for k in own):  # all pruned: keep the strongest term
+                    flat = int(weights[own.start:own.stop].argmax())
+                    active[own.start + flat // n_ops][flat % n_ops] = True
         terms: list[list] = [[] for _ in self.edge_list]
         for j, own in enumerate(self.node_edges):
             for src in range(0 if j == 0 else j + 1, j + 2):  # the states that became available
@@ -125,8 +129,8 @@ class SearchCell(nn.Module):
                 for k, t in zip(ks, self.sources[src](states[src], w, [active[k] for k in ks], d)):
                     terms[k] = t
             node_terms = [t for k in own for t in terms[k]]
-            if node_terms:
-                states.append(_weighted_sum(node_terms))
+            if node_terms:  # (vmap has no batching rule for the in-place sums: out of place there)
+                states.append(_weighted_sum(node_terms, inplace=threshold is not None))
             else:  # only "none" is active: zeros, as Zero(stride) computes them
                 i = next(i for i, k in enumerate(own) if any(active[k]))
                 stride = 2 if self.reduction and i < 2 else 1
@@ -134,8 +138,9 @@ class SearchCell(nn.Module):
         return torch.cat(states[2:], dim=1)
 
 
-def _weighted_sum(terms: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
-    """Σ scale·out over ``(out, scale)`` terms (``scale`` None: 1), accumulating in place into a fresh tensor."""
+def _weighted_sum(terms: list[tuple[torch.Tensor, torch.Tensor | None]], inplace: bool = True) -> torch.Tensor:
+    """Σ scale·out over ``(out, scale)`` terms (``scale`` None: 1), accumulating in place into a fresh tensor
+    (``inplace=False``: the same sums out of place, for ``torch.func.vmap``)."""
     (t0, s0), rest = terms[0], terms[1:]
     if not rest:
         return t0 if s0 is None else t0 * s0
@@ -146,9 +151,9 @@ def _weighted_sum(terms: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torc
         acc = t0 + t1 if s1 is None else torch.addcmul(t0, t1, s1)
     for t, s in rest:
         if s is None:
-            acc.add_(t)
+            acc = acc.add_(t) if inplace else acc + t
         else:
-            acc.addcmul_(t, s)
+            acc = acc.addcmul_(t, s) if inplace else torch.addcmul(acc, t, s)
     return acc
 
 
@@ -163,6 +168,7 @@ class SearchNetwork(nn.Module):
         self.threshold = cfg.prune_threshold
         self.prune_rule = cfg.prune_rule
         self.channels_last = cfg.channels_last  # NHWC activations (build_network sets it from the config too)
+        self.all_terms = False  # compute every term, skipping none (batched.py sets it while it vmaps over tasks)
         self.nodes = cfg.nodes
         self.ops = cfg.ops
         self.cells = nn.ModuleList()
@@ -185,6 +191,8 @@ class SearchNetwork(nn.Module):
         if self.channels_last:  # (the stem's 1-channel input does not decide the layout: make it explicit)
             s0 = s1 = s0.contiguous(memory_format=torch.channels_last)
         threshold = self.threshold if self.prune_rule == "product" else 0.0
+        if self.all_terms:
+            threshold = None
         for l, cell in enumerate(self.cells):
             s0, s1 = s1, cell(s0, s1, mix["reduce" if cell.reduction else "normal"], threshold, mix.get(f"drop_{l}"))
         return self.classifier(s1.mean(dim=(2, 3)))

@@ -189,22 +189,30 @@ def _phase(m: MetaState, t: int, cfg: Config) -> tuple[bool, bool, Any]:
 def meta_step(m: MetaState, t: int, cfg: Config, comm, device, stop_requested: bool) -> tuple[float, float, bool]:
     """One pass of Algorithm 1's loop: Φ^k on this worker's tasks of meta-batch ``t``, every worker's
     contributions summed in one all-reduce, and the meta-update of θ_meta (in place). Returns the meta-batch's
-    mean query accuracy and loss, and whether a stop was requested (on any rank)."""
+    mean query accuracy and loss, and whether a stop was requested (on any rank). With ``task.batched`` the
+    worker's tasks adapt together, vmapped over tasks (``batched.py``); the rest stays per task."""
     learn_arch, hold_tau, tau = _phase(m, t, cfg)
     n_flat = flatten(m.state).numel()
     n_moments = flatten(m.moments.v).numel() if m.moments is not None else 0
     total = torch.zeros(n_flat + n_moments, dtype=torch.float32, device=device)
     acc = loss = failed = 0.0
     t0 = time.perf_counter()
-    for i in m.my_tasks:
-        task = m.samplers["train"].sample(t, i).to(device)
-        task_moments = m.moments.copy() if m.moments is not None else None
-        try:
-            adapted, stats = run_task(m.net, m.state, task, cfg.task, cfg.task.steps, learn_arch,
-                                      hold_tau=hold_tau, moments=task_moments)
-        except NonFiniteLossError as e:
-            failed, failure = 1.0, str(e)
+    batch = _batched_tasks(m, t, cfg, device, learn_arch, hold_tau) if cfg.task.batched and m.my_tasks else None
+    for n, i in enumerate(m.my_tasks):
+        if isinstance(batch, NonFiniteLossError):  # (the first failing task of the batch, as the loop would stop)
+            failed, failure = 1.0, str(batch)
             break
+        if batch is not None:  # task.batched: adapted above, all of this worker's tasks in one vmapped pass
+            task, adapted, stats, task_moments = batch[n]
+        else:
+            task = m.samplers["train"].sample(t, i).to(device)
+            task_moments = m.moments.copy() if m.moments is not None else None
+            try:
+                adapted, stats = run_task(m.net, m.state, task, cfg.task, cfg.task.steps, learn_arch,
+                                          hold_tau=hold_tau, moments=task_moments)
+            except NonFiniteLossError as e:
+                failed, failure = 1.0, str(e)
+                break
         total[:n_flat] += flatten(m.learner.contribution(m.net, adapted, task.x_query, task.y_query, tau))
         if task_moments is not None:
             total[n_flat:] += flatten(task_moments.v)
@@ -236,6 +244,21 @@ def meta_step(m: MetaState, t: int, cfg: Config, comm, device, stop_requested: b
     m.tasks_done += cfg.meta.meta_batch
     return (float(summed[stats_at]) / cfg.meta.meta_batch, float(summed[stats_at + 1]) / cfg.meta.meta_batch,
             stopping)
+
+
+def _batched_tasks(m: MetaState, t: int, cfg: Config, device, learn_arch: bool,
+                   hold_tau: bool) -> list | NonFiniteLossError:
+    """``task.batched``: this worker's tasks of meta-batch ``t`` adapted together (:func:`batched.run_tasks`), as
+    (task, adapted, stats, final moments: kept ones only) in task order, or the first task's non-finite-loss
+    error."""
+    from .batched import run_tasks
+    tasks = [m.samplers["train"].sample(t, i).to(device) for i in m.my_tasks]
+    try:
+        adapted, stats, moments = run_tasks(m.net, m.state, tasks, cfg.task, cfg.task.steps, learn_arch,
+                                            hold_tau=hold_tau, moments=m.moments)
+    except NonFiniteLossError as e:
+        return e
+    return list(zip(tasks, adapted, stats, moments if m.moments is not None else [None] * len(tasks)))
 
 
 def _metrics_row(m: MetaState, done: int, accuracy: float, loss: float, validate: bool, cfg: Config, comm,
