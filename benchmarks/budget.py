@@ -164,6 +164,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def crossover(results: dict, baseline: str = "conv4") -> dict:
+    """Where each variant's soft accuracy would meet ``baseline``'s, in minutes: a least-squares line of accuracy
+    against log(seconds) per variant, extrapolated (a rough guide: curves flatten, and three points with ±2-point
+    CIs leave the slopes uncertain). None where the lines do not meet later (the variant is not catching up)."""
+    import math
+
+    def line(points):  # accuracy = a + b · ln(seconds)
+        xs, ys = [math.log(p["seconds"]) for p in points], [p["accuracy_soft"] for p in points]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+        return my - b * mx, b
+
+    if baseline not in results or len(results[baseline]) < 2:
+        return {}
+    ac, bc = line(results[baseline])
+    out = {}
+    for name, points in results.items():
+        if name == baseline or len(points) < 2:
+            continue
+        a, b = line(points)
+        behind_at_last = points[-1]["accuracy_soft"] < ac + bc * math.log(points[-1]["seconds"])
+        t = math.exp((ac - a) / (b - bc)) if b > bc else math.inf
+        out[name] = {"slope_per_doubling": b * math.log(2), "baseline_slope_per_doubling": bc * math.log(2),
+                     "projected_crossover_minutes": (round(t / 60, 1) if behind_at_last and math.isfinite(t)
+                                                     else None)}
+    return out
+
+
 def write(results: dict, variants: list, args, argv: list[str] | None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +200,7 @@ def write(results: dict, variants: list, args, argv: list[str] | None) -> None:
                                "variants": {n: {"config": c, "set": s} for n, c, s in variants},
                                "budgets_seconds": args.all_budgets, "test_tasks": args.test_tasks,
                                "machine": {"cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0]},
-                               "results": results}, indent=2) + "\n")
+                               "results": results, "crossover_with_conv4": crossover(results)}, indent=2) + "\n")
     plot(results, out.with_suffix(".png"))
 
 
