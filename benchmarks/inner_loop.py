@@ -15,7 +15,7 @@ One task = ``inner_loop.adapt`` (5 first-order DARTS steps on 20 images: 20-way 
 each as the median of ``--repeats`` runs after warm-up, alternating with the same task run in "module form"
 (parameters copied into the one reused module, ``net(x, mix)`` + ``torch.autograd.grad`` over
 ``net.parameters()``) instead of ``torch.func.functional_call``. Also: the per-edge reference supernet
-(``tests/reference_search_space.py``, as it was) as is and with NHWC activations, each run alternating with a
+(``benchmarks/reference_search_space.py``, as it was) as is and with NHWC activations, each run alternating with a
 fresh task so that the speed-up is a ratio of neighbours (the machine's speed drifts; both under glibc's default
 malloc, as the official code runs, before the rest keeps freed memory), FLOPs per task
 (FlopCounterMode; its convolution-backward formula ignores ``groups`` for the weight gradient, counting a
@@ -34,7 +34,6 @@ end; rerun when it is high. With 2 threads on a busy 2-core machine OpenMP's def
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -53,11 +52,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "inner_loop.json"
 
 
 def _reference_module():
-    """tests/reference_search_space.py, loaded by path (``tests`` is not a package)."""
-    spec = importlib.util.spec_from_file_location("reference_search_space", ROOT / "tests" / "reference_search_space.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks/reference_search_space.py, the frozen per-edge supernet (also the tests' oracle)."""
+    from benchmarks import reference_search_space
+    return reference_search_space
 
 
 def paper_setting(gen: torch.Generator):

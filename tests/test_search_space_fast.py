@@ -1,6 +1,6 @@
 """The per-source supernet computes the same function as the per-edge one it replaced.
 
-``tests/reference_search_space.py`` is the per-edge implementation as it was; its parameters are mapped onto
+``benchmarks/reference_search_space.py`` is the per-edge implementation as it was; its parameters are mapped onto
 the per-source layout (:func:`to_fast`) and the gradients mapped back (:func:`to_reference`). Logits and the
 gradients w.r.t. every weight and every architecture tensor must agree (float64: to rounding).
 """
@@ -19,7 +19,7 @@ from metanas_ray.config import TaskLearnerConfig
 from metanas_ray.search_space import SearchNetwork, edges, init_alphas, mixture
 from metanas_ray.state import build_network, init_state
 
-import reference_search_space as R
+import benchmarks.reference_search_space as R
 
 CL = torch.channels_last
 TINY = ModelConfig(init_channels=4, layers=3, nodes=3, reduction_layers=(1,), stem_multiplier=2)
