@@ -11,7 +11,9 @@ and the checkpoint record them: Ray's start-up excluded) is kept; at the end the
 kept checkpoint is then meta-tested on the same ``--test-tasks`` tasks (``python -m metanas_ray.evaluate``), so every
 point of a curve comes from one run and the variants see the same meta-test tasks.
 The runs are open-ended (``run.meta_steps`` 10,000,000), so meta learning rates that anneal linearly to 0 over
-``run.meta_steps`` stay at their start values: a run planned for exactly one budget would anneal to 0 at its end.
+``run.meta_steps`` stay at their start values, which is not how a user runs such a config: ``--planned`` then
+runs each annealing variant once per budget, planned for the meta-steps the open-ended run reached there
+(annealed to 0 at its end, as ``quick.yaml``'s 280 steps are), and adds those points as ``NAME (annealed)``.
 Writes benchmarks/results/budget.json (per variant and budget: meta-steps done, the exact seconds, soft and hard
 accuracy with 95% CIs) and budget.png. Noise: the machine must be otherwise idle (a busy core slows one variant's
 minutes, not the others'); the meta-test CI says how far apart two points must be to differ.
@@ -94,6 +96,34 @@ def train(name: str, config: str, sets: list[str], budgets: list[float], work: P
     return found
 
 
+def _anneals(config: str, sets: list[str]) -> bool:
+    from metanas_ray.config import load, parse_overrides
+    return load(ROOT / config, parse_overrides(sets)).meta.anneal == "linear"
+
+
+def planned_run(name: str, config: str, sets: list[str], point: dict, work: Path, args) -> dict:
+    """A run planned for ``point``'s meta-steps (its meta learning rates anneal to 0 over them, as a user's run of
+    that length does), meta-tested at its end on the same test tasks; its seconds are its meta-training's."""
+    steps = int(point["meta_steps"])
+    out = work / f"{name}-planned-{steps}"
+    cmd = [sys.executable, "-m", "metanas_ray.run", "--config", str(ROOT / config), "--output", str(out),
+           "--data-root", args.data_root, "--set", f"run.meta_steps={steps}", "--set", "eval.every=0",
+           "--set", f"eval.test_tasks={args.test_tasks}", "--set", f"run.log_every={args.every}",
+           "--set", f"run.checkpoint_every={steps}", *[a for kv in sets for a in ("--set", kv)],
+           *(["--in-process"] if args.in_process else [])]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name}, planned for {steps} meta-steps, failed: {done.stderr.strip()[-500:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    r = {"budget_seconds": point["budget_seconds"], "seconds": _last_wall(out / "metrics.csv"), "meta_steps": steps,
+         "accuracy_soft": summary["meta_test_accuracy_soft"], "ci95_soft": summary["meta_test_ci95_soft"],
+         "accuracy_hard": summary["meta_test_accuracy_hard"], "ci95_hard": summary["meta_test_ci95_hard"],
+         "tasks": summary["meta_test_tasks"]}
+    print(f"{name} planned for {steps} meta-steps ({r['seconds']:.0f} s): soft {100 * r['accuracy_soft']:.1f}% "
+          f"± {100 * r['ci95_soft']:.1f}, hard {100 * r['accuracy_hard']:.1f}%", flush=True)
+    return r
+
+
 def meta_test(run: Path, ckpt: Path, args) -> dict:
     cmd = [sys.executable, "-m", "metanas_ray.evaluate", str(run), "--checkpoint", str(ckpt), "--tasks",
            str(args.test_tasks), "--data-root", args.data_root, "--device", "cpu"]
@@ -130,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "omniglot"))
     p.add_argument("--in-process", action="store_true", help="meta-train in one process instead of Ray Train")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "budget.json"))
+    p.add_argument("--planned", action="store_true",
+                   help="then, for each variant whose meta learning rates anneal (meta.anneal: linear), one run per "
+                        "budget planned for the meta-steps the open-ended run reached there, annealed over them "
+                        "and meta-tested at its end: NAME (annealed)")
     p.add_argument("--append", action="store_true",
                    help="add these variants to the results already in --out (same test tasks), then re-plot")
     args = p.parse_args(argv)
@@ -160,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} at {budget:.0f} s: {r['meta_steps']} meta-steps, soft {100 * r['accuracy_soft']:.1f}% "
                       f"± {100 * r['ci95_soft']:.1f}, hard {100 * r['accuracy_hard']:.1f}%", flush=True)
             write(results, variants, args, argv)  # after each variant: a later failure loses nothing measured
+        for name, config, sets in variants if args.planned else []:
+            planned = f"{name} (annealed)"
+            if planned in results or not _anneals(config, sets) or name not in results:
+                continue
+            results[planned] = [planned_run(name, config, sets, point, Path(tmp), args) for point in results[name]]
+            write(results, variants, args, argv)
     print(f"-> {args.out}, {Path(args.out).with_suffix('.png')}")
     return 0
 

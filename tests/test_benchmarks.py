@@ -49,10 +49,14 @@ def test_budget_benchmark_keeps_a_checkpoint_per_budget_and_meta_tests_it(tmp_pa
     out = tmp_path / "budget.json"
     done = subprocess.run([sys.executable, "-m", "benchmarks.budget", "--budgets", "2", "4", "--test-tasks", "2",
                            "--every", "2", "--in-process", "--variant", "smoke=tune_configs/smoke.yaml",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+                           "--planned", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     points = json.loads(out.read_text())["results"]["smoke"]
     assert [p["budget_seconds"] for p in points] == [2, 4]
     assert all(p["seconds"] >= p["budget_seconds"] and 0 <= p["accuracy_soft"] <= 1 for p in points)
     assert points[0]["meta_steps"] < points[1]["meta_steps"]
+    # --planned: one run per budget for the meta-steps reached there, its meta learning rate annealed over them
+    planned = json.loads(out.read_text())["results"]["smoke (annealed)"]
+    assert [p["meta_steps"] for p in planned] == [p["meta_steps"] for p in points]
+    assert all(0 <= p["accuracy_soft"] <= 1 and p["tasks"] == 2 and p["seconds"] > 0 for p in planned)
     assert out.with_suffix(".png").stat().st_size > 0
