@@ -40,7 +40,7 @@ FAITHFUL = ("model.input_weights=pairwise,model.prune_rule=separate,model.prune_
             "task.grad_clip=0,task.batch_size=20,task.batch_sampling=random,task.drop_path=0.2,"
             "task.tau_schedule=linear,task.tau_alpha_end=0.05,task.tau_beta_end=0.05,meta.anneal=constant")
 VARIANTS = ("quick=tune_configs/quick.yaml", f"faithful=tune_configs/quick.yaml:{FAITHFUL}",
-            "conv4=tune_configs/conv4_omniglot_5way_1shot.yaml")
+            "conv4=tune_configs/conv4_omniglot_5way_1shot.yaml:data.split=alphabets,data.n_query=5")  # quick's tasks
 
 
 def parse_variant(text: str) -> tuple[str, str, list[str]]:
