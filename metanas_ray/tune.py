@@ -18,6 +18,9 @@ ASHA stop needs it). After the last trial, the best trial (best ``metric`` over 
 once, from its best checkpoint. The output directory holds ``trials.csv``, ``best_config.yaml`` (runs with
 ``python -m metanas_ray.run --config``), ``summary.json``, ``plots/`` and the Tune experiment (``tune/``).
 Everything that can be wrong with a sweep is checked before the first trial starts (``error: ...``, exit 2).
+
+A little past 400 lines: the two ways a trial runs, reading the results back, the best trial's meta-test and the
+CLI belong together; the sweep file, which needs no Ray, is ``sweep.py``.
 """
 from __future__ import annotations
 
