@@ -147,7 +147,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace):
-    """The run directory and its config with evaluate's overrides (``eval.*``, ``data.*``, ``run.seed``)."""
+    """The run directory, its saved config, and that config with evaluate's overrides (``eval.*``, ``data.*``,
+    ``run.seed``)."""
     from .cli import overrides
     from .config import ConfigError
     from .rundir import RunDir
@@ -158,7 +159,8 @@ def resolve(args: argparse.Namespace):
             raise ConfigError(f"evaluate cannot change '{key}': it takes eval.* and data.* keys (not "
                               f"{', '.join(_FIXED_DATA)}, which shape the trained network) and --seed")
     run = RunDir(args.run_dir)
-    return run, run.open_existing().override(changes)
+    saved = run.open_existing()
+    return run, saved, saved.override(changes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tasks < 0:
         p.error(f"--tasks must be at least 1 (0: eval.test_tasks / eval.val_tasks), got {args.tasks}")
     try:
-        run, cfg = resolve(args)
+        run, saved, cfg = resolve(args)
         if args.print_config:
             print(describe(cfg), end="")
             return 0
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                            moments=moments, threshold=meta_test_threshold(cfg) if args.split == "test" else None)
         result.update(split=args.split, checkpoint=str(ckpt_path), meta_steps=payload["step"],
                       seconds=time.perf_counter() - t0, device=str(device), seed=cfg.run.seed,
-                      set=_changed(cfg, run))
+                      set=_changed(cfg, saved))
         out = Path(args.output) if args.output else \
             run.path / f"evaluation-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}.json"
         with writing(out):
@@ -209,11 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _changed(cfg: Config, run) -> dict:
+def _changed(cfg: Config, saved: Config) -> dict:
     """The keys evaluate changed from the run's saved config (what the JSON was measured with)."""
     from .config import flat_keys
-    saved = flat_keys(run.open_existing())
-    return {k: v for k, v in flat_keys(cfg).items() if saved.get(k) != v}
+    before = flat_keys(saved)
+    return {k: v for k, v in flat_keys(cfg).items() if before.get(k) != v}
 
 
 if __name__ == "__main__":
