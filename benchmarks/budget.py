@@ -3,6 +3,7 @@
     python -m benchmarks.budget                                   # 10, 30, 60 minutes; quick, faithful, Conv4
     python -m benchmarks.budget --budgets 60 120 --test-tasks 20  # a few minutes, to try it
     python -m benchmarks.budget --variant best=tune_configs/quick.yaml:task.lr_w=0.05,meta.lr_w=0.5
+    python -m benchmarks.budget --append --budgets 3600 --variant conv4=...   # a longer budget for one variant
 
 Each variant (``name=CONFIG[:key=value,...]``) meta-trains once, as a user runs it here (``python -m
 metanas_ray.run``: Ray Train, the default workers; ``--in-process`` for one process), for the longest budget. While
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                         "budget planned for the meta-steps the open-ended run reached there, annealed over them "
                         "and meta-tested at its end: NAME (annealed)")
     p.add_argument("--append", action="store_true",
-                   help="add these variants to the results already in --out (same test tasks), then re-plot")
+                   help="add these variants, or these budgets of a variant already there (a new run to the longest "
+                        "missing budget; each point names its command), to the results in --out (same test tasks)")
     args = p.parse_args(argv)
     if min(args.budgets) <= 0 or args.test_tasks < 2 or args.every < 1:
         p.error("--budgets must be positive, --test-tasks at least 2, --every at least 1")
@@ -180,19 +182,27 @@ def main(argv: list[str] | None = None) -> int:
     commands = earlier.get("commands", [earlier["command"]] if "command" in earlier else [])
     args.commands = commands + ["python -m benchmarks.budget " + " ".join(argv or sys.argv[1:])]
     args.all_budgets = sorted(set(earlier.get("budgets_seconds", [])) | set(args.budgets))
+    asked = {parse_variant(v)[0] for v in args.variant or VARIANTS}
+    for name, config, sets in variants:  # (before any work)
+        before = earlier.get("variants", {}).get(name)
+        if name in asked and before is not None and before != {"config": config, "set": sets}:
+            p.error(f"--append: {name} was measured as {before}; give the new settings another name")
     with tempfile.TemporaryDirectory() as tmp:
         for name, config, sets in variants:
-            if name in results:  # measured by an earlier --append run
+            have = {p["budget_seconds"] for p in results.get(name, [])}
+            wanted = [b for b in args.budgets if b not in have] if name in asked else []
+            if not wanted:  # measured by an earlier --append run at every budget asked for
                 continue
-            kept = train(name, config, sets, args.budgets, Path(tmp), args)
-            results[name] = []
+            kept = train(name, config, sets, wanted, Path(tmp), args)
+            points = results.setdefault(name, [])
             for budget, (ckpt, seconds) in sorted(kept.items()):
                 r = meta_test(Path(tmp) / name, ckpt, args)
-                results[name].append({"budget_seconds": budget, "seconds": seconds,
-                                      "meta_steps": r["meta_steps"], **{k: r[k] for k in (
-                                          "accuracy_soft", "ci95_soft", "accuracy_hard", "ci95_hard", "tasks")}})
+                points.append({"budget_seconds": budget, "seconds": seconds, "command": len(args.commands) - 1,
+                               "meta_steps": r["meta_steps"], **{k: r[k] for k in (
+                                   "accuracy_soft", "ci95_soft", "accuracy_hard", "ci95_hard", "tasks")}})
                 print(f"{name} at {budget:.0f} s: {r['meta_steps']} meta-steps, soft {100 * r['accuracy_soft']:.1f}% "
                       f"± {100 * r['ci95_soft']:.1f}, hard {100 * r['accuracy_hard']:.1f}%", flush=True)
+            points.sort(key=lambda q: q["budget_seconds"])
             write(results, variants, args, argv)  # after each variant: a later failure loses nothing measured
         for name, config, sets in variants if args.planned else []:
             planned = f"{name} (annealed)"
