@@ -30,13 +30,13 @@ convolutions as grouped ones): 5 tasks of ``quick.yaml``'s supernet on synthetic
 about 1.3× the per-task time, Conv4 about 1.1× (a loaded 2-core machine); keep ``task.batched: false`` on CPUs.
 Meta-validation and meta-test, the query accuracy and the meta-learner's contributions stay per task.
 
+Soft-pruning (``model.prune_threshold`` > 0) is decided per task and per step from that task's mixture weights; the
+per-task forward skips the pruned terms (reading ``(weights > threshold).tolist()``), which a vmapped function cannot
+do. Here every term is computed and the pruned ones weigh 0 (``SearchNetwork.all_terms``,
+:func:`~.search_space.soft_pruned`, decided on the device per task): the same function and gradients.
+
 Refused (:class:`~.config.ConfigError` naming the key), because they are not batched here:
 
-* ``model.prune_threshold`` > 0: soft-pruning decides per forward pass, from the values of one task's mixture
-  weights, which terms to compute (``SearchCell.forward`` reads ``(weights > threshold).tolist()``): a decision that
-  differs from task to task and that a vmapped function cannot read. At threshold 0 the batched forward computes
-  every term (``SearchNetwork.all_terms``); the per-task forward skips only terms whose weight is exactly 0, which
-  add exactly 0 to their node and get exactly zero gradients, so the two agree.
 * ``model.kind: genotype``: the found network is not batched (not tested under vmap).
 * ``task.bf16``: autocast under vmap is not tested here.
 """
@@ -51,7 +51,8 @@ from torch import nn
 from torch.func import grad_and_value, vmap
 
 from .config import ConfigError, TaskLearnerConfig
-from .inner_loop import _BETA2, _EPS, Moments, Temperature, _batch, _batches, _check_losses, accuracy, forward
+from . import graphed
+from .inner_loop import _BETA2, _EPS, Moments, Temperature, _check_losses, accuracy, forward
 from .state import State, in_layout
 
 if TYPE_CHECKING:
@@ -60,9 +61,6 @@ if TYPE_CHECKING:
 
 def check_batchable(net: nn.Module, cfg: TaskLearnerConfig) -> None:
     """Raise :class:`ConfigError` naming the key of what the batched task-learner does not support."""
-    if getattr(net, "threshold", 0.0) > 0:
-        raise ConfigError(f"task.batched needs model.prune_threshold: 0 (got {net.threshold}): soft-pruning decides "
-                          f"per task which terms to compute, which cannot be batched over tasks")
     if not isinstance(net, nn.Module) or type(net).__name__ not in ("Conv4", "SearchNetwork"):
         raise ConfigError(f"task.batched supports model.kind: supernet or conv4, not the network {type(net).__name__}")
     if cfg.bf16:
@@ -93,87 +91,110 @@ def _clip(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
     return grads
 
 
-def _adam(v: list[torch.Tensor], grads: list[torch.Tensor], t: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``inner_loop._adam_direction`` out of place: (direction, new v) at step count ``t`` (already advanced)."""
+def _adam(v: list[torch.Tensor], grads: list[torch.Tensor],
+          correction: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``inner_loop._adam_direction`` out of place: (direction, new v), ``correction`` = 1 − β2^t of this step."""
     v = [torch.addcmul(s * _BETA2, g, g, value=1 - _BETA2) for s, g in zip(v, grads)]
-    return [g / (torch.sqrt(s / (1 - _BETA2 ** t)) + _EPS) for g, s in zip(grads, v)], v
+    return [g / (torch.sqrt(s / correction) + _EPS) for g, s in zip(grads, v)], v
 
 
 def adapt_tasks(net: nn.Module, params: State, xs: list[torch.Tensor], ys: list[torch.Tensor],
                 cfg: TaskLearnerConfig, steps: int, learn_arch: bool = True, *, arch_steps: int | None = None,
                 hold_tau: bool = False, batch_size: int | None = None, drop_path: float = 0.0,
                 generators: list[torch.Generator] | None = None, moments: Moments | None = None,
-                ) -> tuple[list[State], list[dict[str, float]], list[Moments] | None]:
+                capture: bool | None = False) -> tuple[list[State], list[dict[str, float]], list[Moments] | None]:
     """Φ^k on T tasks (D_train of task i: ``xs[i]`` ``[B, C, H, W]``, ``ys[i]`` ``[B]``, the same shapes for all) at
     once, from the same ``params``: per task what :func:`~.inner_loop.adapt` returns, with ``generators[i]`` its
     generator and every task starting from a copy of ``moments`` (Adam; None: zeros). Returns the adapted states,
     the statistics and (Adam) each task's final moments, in task order; ``params`` and ``moments`` are not modified.
-    Raises the first task's (in order) :class:`~.inner_loop.NonFiniteLossError`."""
+    Raises the first task's (in order) :class:`~.inner_loop.NonFiniteLossError`. ``capture`` (``task.cuda_graph``):
+    each vmapped step a CUDA-graph replay, as in :func:`~.graphed.adapt` (None: on a CUDA device; False: never)."""
     check_batchable(net, cfg)
     n_tasks = len(xs)
     if drop_path > 0 and generators is None:
         raise ValueError("drop-path needs the tasks' generators")
     gens = generators if generators is not None else [None] * n_tasks
     device = xs[0].device
-    taus, _ = Temperature.from_config(cfg).schedule_for(steps, arch_steps, hold_tau)
+    if capture is None and device.type != "cuda":
+        graphed.say_once(f"task.cuda_graph: no CUDA device ({device.type}): the batched inner steps run eagerly")
+        capture = False
     size = cfg.batch_size if batch_size is None else batch_size
-    # per task, its minibatch indices and drop-path masks, drawn as adapt draws them (same generator, same order);
-    # a step's minibatches have one size across tasks (the sizes of cycled minibatches can differ between steps)
-    index: list[list[torch.Tensor]] = [[] for _ in range(steps)]  # [step][task]
-    drops: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(steps)]
-    for y, g in zip(ys, gens):
-        batches = _batches(y, size)
-        for step in range(steps):
-            batch = _batch(y, step, size, cfg.batch_sampling, batches, g)
-            batch = torch.arange(len(y), device=y.device) if batch is None else batch
-            index[step].append(batch.to(device))
-            drops[step].append(net.drop_path_masks(len(batch), drop_path, g, device) if drop_path > 0 else {})
+    adam = cfg.optimizer == "adam"
+    start = moments if moments is not None else (Moments.zeros(params) if adam else None)
+    # per task its minibatch indices and drop-path masks, drawn as adapt draws them (graphed.plan: same generator,
+    # same order); τ, the steps that adapt α and Adam's step counts are the same for every task
+    plans = [graphed.plan(net, y, cfg, steps, learn_arch, arch_steps, hold_tau, size, drop_path, g, start,
+                          has_alphas=bool(params["alphas"])) for y, g in zip(ys, gens)]
+    p = plans[0]
     x_all, y_all = torch.stack(xs), torch.stack(ys)  # [T, B, ...]
     rows = torch.arange(n_tasks, device=device)[:, None]
+    whole = torch.arange(len(ys[0]), device=device)
+    inputs = []  # per step: the T minibatches [T, b, ...] (a step's size is the same across tasks) and masks
+    for j in range(steps):
+        idx = torch.stack([whole if q.index[j] is None else q.index[j] for q in plans])
+        inputs.append((x_all[rows, idx], y_all[rows, idx], {k: torch.stack([q.drops[j][k] for q in plans])
+                                                             for k in p.drops[j]}))
 
     def stacked(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.detach().unsqueeze(0).expand(n_tasks, *v.shape).contiguous() for k, v in d.items()}
 
-    w, a = stacked(params["weights"]), stacked(params["alphas"])
-    adam = cfg.optimizer == "adam"
-    start = moments if moments is not None else (Moments.zeros(params) if adam else None)
-    v = {p: stacked(d) for p, d in start.v.items()} if adam else {}
-    t = dict(start.t) if adam else {}
-    losses, accs = [], []
+    def make(arch: bool) -> graphed.Step:
+        return _vmapped_step(net, cfg, arch and bool(params["alphas"]))
+
+    def build() -> graphed.Replays:
+        return graphed.Replays(make, stacked(params["weights"]), stacked(params["alphas"]),
+                               {part: stacked(d) for part, d in start.v.items()} if adam else {})
+
     with _vmappable(net):
-        for step in range(steps):
-            arch = learn_arch and (arch_steps is None or step < arch_steps) and bool(a)
-            if adam:
-                t["weights"] += 1
-                if arch:
-                    t["alphas"] += 1
-            one = _step(net, cfg, taus[step], arch, dict(t))
-            idx = torch.stack(index[step])  # [T, b]
-            drop = {k: torch.stack([d[k] for d in drops[step]]) for k in drops[step][0]}
-            w, a, v, loss, acc = vmap(one)(w, a, v, x_all[rows, idx], y_all[rows, idx], drop)
-            losses.append(loss.detach())
-            accs.append(acc)
-    values = torch.stack(losses, dim=1).tolist()  # [T, steps], read once
+        key = ("tasks", cfg, n_tasks, graphed.shapes(params))
+        replays = graphed.try_capture(net, capture, lambda: graphed.replays_for(net, key, build), p.arch, inputs)
+        if replays is not None:
+            replays.load(stacked(params["weights"]), stacked(params["alphas"]),
+                         {part: stacked(d) for part, d in start.v.items()} if adam else {})
+            w, a, v = replays.w, replays.a, replays.v
+        else:
+            w, a = stacked(params["weights"]), stacked(params["alphas"])
+            v = {part: stacked(d) for part, d in start.v.items()} if adam else {}
+        losses, accs = graphed.run_steps(make, w, a, v, inputs, p, replays)
+    values = losses.t().tolist()  # [T, steps], read once
     for i in range(n_tasks):
         _check_losses(values[i], xs[i], cfg)
     layout = getattr(net, "channels_last", False)
-    adapted = [{"weights": in_layout({k: x[i] for k, x in w.items()}, layout),
-                "alphas": {k: x[i].contiguous() for k, x in a.items()}} for i in range(n_tasks)]
-    final_acc = accs[-1].tolist()
+    own = (lambda t: t.clone()) if replays is not None else (lambda t: t)  # (not views of the static buffers)
+    adapted = [{"weights": in_layout({k: own(x[i]) for k, x in w.items()}, layout),
+                "alphas": {k: x[i].clone() for k, x in a.items()}} for i in range(n_tasks)]
+    final_acc = accs.tolist()
     stats = [{"loss": values[i][-1], "accuracy": final_acc[i]} for i in range(n_tasks)]
     out_moments = None
     if adam:
-        out_moments = [Moments({p: {k: x[i].contiguous() for k, x in d.items()} for p, d in v.items()}, dict(t))
-                       for i in range(n_tasks)]
+        out_moments = [Moments({part: {k: x[i].clone() for k, x in d.items()} for part, d in v.items()},
+                               dict(p.t_end)) for i in range(n_tasks)]
     return adapted, stats, out_moments
 
 
-def _step(net: nn.Module, cfg: TaskLearnerConfig, tau: tuple[float, float], arch: bool, t: dict[str, int]):
+def _vmapped_step(net: nn.Module, cfg: TaskLearnerConfig, arch: bool) -> graphed.Step:
+    """One inner step of T tasks, in place on the stacked (w, α, v): :func:`_step` vmapped over tasks, its results
+    copied back (so that a CUDA graph of it can be replayed on the same buffers)."""
+
+    def step(w: dict, a: dict, v: dict, xb: torch.Tensor, yb: torch.Tensor, row: torch.Tensor,
+             drop: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        w2, a2, v2, loss, acc = vmap(_step(net, cfg, row, arch))(w, a, v, xb, yb, drop)
+        with torch.no_grad():
+            for mine, new in ((w, w2), *(((a, a2),) if arch else ()), *((v[p], v2[p]) for p in v)):
+                for k, t in new.items():
+                    mine[k].copy_(t)
+        return loss, acc
+
+    return step
+
+
+def _step(net: nn.Module, cfg: TaskLearnerConfig, row: torch.Tensor, arch: bool):
     """One inner step of one task, as a function of (w, α, Adam's v, minibatch, drop-path masks): ``adapt``'s loop
-    body, out of place, to be vmapped over tasks."""
+    body, out of place, to be vmapped over tasks; ``row`` = (τ_α, τ_β, 1 − β2^t_w, 1 − β2^t_α) of the step
+    (:attr:`~.graphed.Plan.schedule`)."""
 
     def loss_fn(w, a, xb, yb, drop):
-        logits = forward(net, {"weights": w, "alphas": a}, xb, tau, drop=drop or None)
+        logits = forward(net, {"weights": w, "alphas": a}, xb, (row[0], row[1]), drop=drop or None)
         return F.cross_entropy(logits, yb), logits
 
     def one(w, a, v, xb, yb, drop):
@@ -189,10 +210,10 @@ def _step(net: nn.Module, cfg: TaskLearnerConfig, tau: tuple[float, float], arch
             g_w = [torch.add(g, x, alpha=cfg.weight_decay) for g, x in zip(g_w, w_list)]
         v = dict(v)
         if cfg.optimizer == "adam":
-            g_w, v_w = _adam([v["weights"][k] for k in w], g_w, t["weights"])
+            g_w, v_w = _adam([v["weights"][k] for k in w], g_w, row[2])
             v["weights"] = dict(zip(w, v_w))
             if a_list:
-                g_a, v_a = _adam([v["alphas"][k] for k in a], g_a, t["alphas"])
+                g_a, v_a = _adam([v["alphas"][k] for k in a], g_a, row[3])
                 v["alphas"] = dict(zip(a, v_a))
         w = {k: torch.add(x, g, alpha=-cfg.lr_w) for (k, x), g in zip(w.items(), g_w)}
         if a_list:
@@ -205,12 +226,13 @@ def _step(net: nn.Module, cfg: TaskLearnerConfig, tau: tuple[float, float], arch
 
 def run_tasks(net: nn.Module, params: State, tasks: list["Task"], cfg: TaskLearnerConfig, steps: int,
               learn_arch: bool = True, *, hold_tau: bool = False, moments: Moments | None = None,
-              ) -> tuple[list[State], list[dict[str, float]], list[Moments] | None]:
+              capture: bool | None = False) -> tuple[list[State], list[dict[str, float]], list[Moments] | None]:
     """:func:`~.inner_loop.run_task` for several meta-training tasks at once: :func:`adapt_tasks` on their training
     data (``task.drop_path`` from each task's own generator), then each adapted model on its query data."""
     adapted, stats, out_moments = adapt_tasks(
         net, params, [task.x_train for task in tasks], [task.y_train for task in tasks], cfg, steps, learn_arch,
-        hold_tau=hold_tau, drop_path=cfg.drop_path, generators=[task.generator() for task in tasks], moments=moments)
+        hold_tau=hold_tau, drop_path=cfg.drop_path, generators=[task.generator() for task in tasks], moments=moments,
+        capture=capture)
     _, tau = Temperature.from_config(cfg).schedule_for(steps, None, hold_tau)
     for task, state, s in zip(tasks, adapted, stats):
         s["query_accuracy"], s["query_loss"] = accuracy(net, state, task.x_query, task.y_query, tau, bf16=cfg.bf16)

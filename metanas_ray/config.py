@@ -87,6 +87,7 @@ class TaskLearnerConfig:
     drop_path: float = 0.0  # drop-path probability of each operation in meta-training tasks (official: 0.2)
     bf16: bool = False  # autocast the task-learner's forward/backward to bfloat16 (w, α and updates stay float32)
     batched: bool = False  # adapt a worker's meta-training tasks together, vmapped over tasks (batched.py)
+    cuda_graph: bool = False  # GPU: each inner step a CUDA-graph replay, no host sync (graphed.py); off: unchecked
 
 
 @dataclass(frozen=True)
@@ -467,9 +468,9 @@ def validate(cfg: Config) -> None:
          f"drops the cells' operation paths; model.kind: {m.kind} has none (set task.drop_path: 0)")
     need(math.isfinite(t.weight_decay) and t.weight_decay >= 0, "task.weight_decay",
          f"must be a finite number >= 0, got {t.weight_decay}")
-    need(not t.batched or (m.kind != "genotype" and m.prune_threshold == 0 and not t.bf16), "task.batched",
-         "supports model.kind supernet or conv4 at model.prune_threshold: 0 without task.bf16 (see batched.py), got "
-         f"model.kind: {m.kind}, model.prune_threshold: {m.prune_threshold}, task.bf16: {t.bf16}")
+    need(not t.batched or (m.kind != "genotype" and not t.bf16), "task.batched",
+         "supports model.kind supernet or conv4 without task.bf16 (see batched.py), got "
+         f"model.kind: {m.kind}, task.bf16: {t.bf16}")
     need(me.prune_every >= 0, "meta.prune_every", f"must be >= 0 (0: never), got {me.prune_every}")
     need(0.0 <= me.prune_threshold < 1.0, "meta.prune_threshold", f"must be in [0, 1), got {me.prune_threshold}")
     need(e.arch_steps == -1 or 0 <= e.arch_steps <= e.steps, "eval.arch_steps",

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import graphed
 from .comm import LocalComm, my_share
 from .config import Config, TaskLearnerConfig
 from .data import TaskSampler
@@ -69,9 +70,9 @@ def meta_test(net: nn.Module, state: State, sampler: TaskSampler, n_tasks: int, 
     try:
         for done, i in enumerate(mine, 1):
             task = sampler.sample(0, i).to(device)
-            adapted, _ = adapt(net, state, task.x_train, task.y_train, task_cfg, cfg.eval.steps, learn_arch,
-                               arch_steps=arch_steps, hold_tau=hold_tau, generator=task.generator(),
-                               moments=None if moments is None else moments.copy())
+            adapted, _ = (graphed.adapt if task_cfg.cuda_graph else adapt)(  # (task.cuda_graph: replays on GPUs)
+                net, state, task.x_train, task.y_train, task_cfg, cfg.eval.steps, learn_arch, arch_steps=arch_steps,
+                hold_tau=hold_tau, generator=task.generator(), moments=None if moments is None else moments.copy())
             soft, _ = accuracy(net, adapted, task.x_query, task.y_query, tau, bf16=cfg.task.bf16)
             pruned = (accuracy(net, adapted, task.x_query, task.y_query, tau, hard=True, bf16=cfg.task.bf16)[0]
                       if hard else soft)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -163,7 +164,8 @@ def forward(net: nn.Module, params: State, x: torch.Tensor, tau: tuple[float, fl
     mix = mixture_of(net, params, tau, hard)
     if drop:
         mix = {**mix, **drop}
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+    # (no weight-cast cache: each weight is cast once per forward anyway, and a CUDA graph cannot capture one)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, cache_enabled=False) if bf16 else nullcontext():
         logits = functional_call(net, params["weights"], (x, mix))
     return logits.float()
 

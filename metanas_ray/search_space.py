@@ -72,10 +72,13 @@ def node_sizes(nodes: int, pairwise: bool = False) -> list[int]:
 
 
 @lru_cache(maxsize=None)
-def _incidence(nodes: int) -> torch.Tensor:
-    """``[E, P]``: 1 where edge (j, i) is one of the two inputs of pair p (of the same node j)."""
+def _incidence(nodes: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[E, P]``: 1 where edge (j, i) is one of the two inputs of pair p (of the same node j); made once per
+    device (no host-to-device copy inside a captured step)."""
+    if device != "cpu":
+        return _incidence(nodes).to(device=device, dtype=dtype)
     index = {e: k for k, e in enumerate(edges(nodes))}
-    m = torch.zeros(len(index), len(pairs(nodes)))
+    m = torch.zeros(len(index), len(pairs(nodes)), dtype=dtype)
     for p, (j, a, b) in enumerate(pairs(nodes)):
         m[index[(j, a)], p] = m[index[(j, b)], p] = 1.0
     return m
@@ -99,8 +102,16 @@ class SearchCell(nn.Module):
         self.node_edges = node_edges(nodes)
         # states 0 … nodes feed later nodes; the last node only feeds the cell's output
         self.source_edges = [[k for k, (_, i) in enumerate(self.edge_list) if i == src] for src in range(nodes + 1)]
+        self._indices = {(src, "cpu"): torch.tensor(ks) for src, ks in enumerate(self.source_edges)}
         self.sources = nn.ModuleList(
             EdgeOps(c, 2 if reduction and src < 2 else 1, len(ks), ops) for src, ks in enumerate(self.source_edges))
+
+    def _index(self, src: int, device: torch.device) -> torch.Tensor:
+        """``source_edges[src]`` as an index tensor on ``device``, made once."""
+        key = (src, str(device))
+        if key not in self._indices:  # (from the CPU copy: a tensor constructor fails under torch.func transforms)
+            self._indices[key] = self._indices[(src, "cpu")].to(device)
+        return self._indices[key]
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
                 threshold: float | None = 0.0, drop: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,9 +134,13 @@ class SearchCell(nn.Module):
                 ks = self.source_edges[src]
                 if not any(any(active[k]) for k in ks):
                     continue
-                contiguous = ks[-1] - ks[0] == len(ks) - 1
-                w = weights[ks[0]:ks[-1] + 1] if contiguous else weights[ks]
-                d = None if drop is None else (drop[:, ks[0]:ks[-1] + 1] if contiguous else drop[:, ks])
+                if ks[-1] - ks[0] == len(ks) - 1:
+                    w = weights[ks[0]:ks[-1] + 1]
+                    d = None if drop is None else drop[:, ks[0]:ks[-1] + 1]
+                else:  # (an index on the device: no host-to-device copy inside a captured step)
+                    index = self._index(src, weights.device)
+                    w = weights.index_select(0, index)
+                    d = None if drop is None else drop.index_select(1, index)
                 for k, t in zip(ks, self.sources[src](states[src], w, [active[k] for k in ks], d)):
                     terms[k] = t
             node_terms = [t for k in own for t in terms[k]]
@@ -136,6 +151,21 @@ class SearchCell(nn.Module):
                 stride = 2 if self.reduction and i < 2 else 1
                 states.append(states[i][:, :, ::stride, ::stride] * 0.0)
         return torch.cat(states[2:], dim=1)
+
+
+def soft_pruned(weights: torch.Tensor, threshold: float, node_edges: list[range]) -> torch.Tensor:
+    """``weights`` ``[E, O]`` with the terms that :meth:`SearchCell.forward` skips set to 0, decided on the device:
+    terms <= ``threshold`` are zero unless all of a node's are, and then its strongest term stays. Computing every
+    term at these weights is the skipping forward's function, with its gradients (a skipped term adds 0 and gets
+    none; a zero-weighted one adds 0·out and gets 0), but reads no value back to the host, so it can be vmapped
+    (``batched``) and captured in a CUDA graph (``graphed``)."""
+    keep = weights > threshold
+    parts = []
+    for own in node_edges:
+        k, w = keep[own.start:own.stop], weights[own.start:own.stop].flatten()
+        strongest = (torch.arange(w.numel(), device=w.device) == w.argmax()).view_as(k)
+        parts.append(k | (strongest & ~k.any()))
+    return torch.where(torch.cat(parts), weights, torch.zeros_like(weights))
 
 
 def _weighted_sum(terms: list[tuple[torch.Tensor, torch.Tensor | None]], inplace: bool = True) -> torch.Tensor:
@@ -168,7 +198,7 @@ class SearchNetwork(nn.Module):
         self.threshold = cfg.prune_threshold
         self.prune_rule = cfg.prune_rule
         self.channels_last = cfg.channels_last  # NHWC activations (build_network sets it from the config too)
-        self.all_terms = False  # compute every term, skipping none (batched.py sets it while it vmaps over tasks)
+        self.all_terms = False  # every term, the pruned ones at weight 0 (set while batched.py / graphed.py run)
         self.nodes = cfg.nodes
         self.ops = cfg.ops
         self.cells = nn.ModuleList()
@@ -191,10 +221,12 @@ class SearchNetwork(nn.Module):
         if self.channels_last:  # (the stem's 1-channel input does not decide the layout: make it explicit)
             s0 = s1 = s0.contiguous(memory_format=torch.channels_last)
         threshold = self.threshold if self.prune_rule == "product" else 0.0
-        if self.all_terms:
-            threshold = None
         for l, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, mix["reduce" if cell.reduction else "normal"], threshold, mix.get(f"drop_{l}"))
+            weights = mix["reduce" if cell.reduction else "normal"]
+            if self.all_terms:  # the same function with no decision read back: skipped terms weigh 0 instead
+                s0, s1 = s1, cell(s0, s1, soft_pruned(weights, threshold, cell.node_edges), None, mix.get(f"drop_{l}"))
+            else:
+                s0, s1 = s1, cell(s0, s1, weights, threshold, mix.get(f"drop_{l}"))
         return self.classifier(s1.mean(dim=(2, 3)))
 
     def drop_path_masks(self, batch: int, p: float, generator: torch.Generator,
@@ -238,7 +270,7 @@ def input_weights(alphas: dict[str, torch.Tensor], t: str, tau_beta: float, node
     pair = alphas.get(f"beta_pair_{t}")
     if pair is not None:
         pi = _pruned(segment_softmax(pair / tau_beta, node_sizes(nodes, True)), threshold)
-        return _incidence(nodes).to(pi) @ pi
+        return _incidence(nodes, str(pi.device), pi.dtype) @ pi
     return _pruned(segment_softmax(alphas[f"beta_{t}"] / tau_beta, node_sizes(nodes)), threshold)
 
 

@@ -27,6 +27,7 @@ from .comm import LocalComm, my_share
 from .config import Config
 from .data import MetaSplits, check_tasks, load_splits
 from .evaluate import eta, meta_test, meta_test_threshold
+from .graphed import run_task as graphed_run_task
 from .inner_loop import Moments, NonFiniteLossError, Temperature, run_task
 from .interrupt import Stopped
 from .memory import keep_freed_memory
@@ -190,7 +191,8 @@ def meta_step(m: MetaState, t: int, cfg: Config, comm, device, stop_requested: b
     """One pass of Algorithm 1's loop: Φ^k on this worker's tasks of meta-batch ``t``, every worker's
     contributions summed in one all-reduce, and the meta-update of θ_meta (in place). Returns the meta-batch's
     mean query accuracy and loss, and whether a stop was requested (on any rank). With ``task.batched`` the
-    worker's tasks adapt together, vmapped over tasks (``batched.py``); the rest stays per task."""
+    worker's tasks adapt together, vmapped over tasks (``batched.py``); the rest stays per task. With
+    ``task.cuda_graph`` each inner step is a CUDA-graph replay (``graphed.py``)."""
     learn_arch, hold_tau, tau = _phase(m, t, cfg)
     n_flat = flatten(m.state).numel()
     n_moments = flatten(m.moments.v).numel() if m.moments is not None else 0
@@ -207,9 +209,10 @@ def meta_step(m: MetaState, t: int, cfg: Config, comm, device, stop_requested: b
         else:
             task = m.samplers["train"].sample(t, i).to(device)
             task_moments = m.moments.copy() if m.moments is not None else None
-            try:
-                adapted, stats = run_task(m.net, m.state, task, cfg.task, cfg.task.steps, learn_arch,
-                                          hold_tau=hold_tau, moments=task_moments)
+            try:  # (task.cuda_graph: the same steps, each a CUDA-graph replay on a GPU; graphed.py)
+                adapted, stats = (graphed_run_task if cfg.task.cuda_graph else run_task)(
+                    m.net, m.state, task, cfg.task, cfg.task.steps, learn_arch, hold_tau=hold_tau,
+                    moments=task_moments)
             except NonFiniteLossError as e:
                 failed, failure = 1.0, str(e)
                 break
@@ -255,7 +258,8 @@ def _batched_tasks(m: MetaState, t: int, cfg: Config, device, learn_arch: bool,
     tasks = [m.samplers["train"].sample(t, i).to(device) for i in m.my_tasks]
     try:
         adapted, stats, moments = run_tasks(m.net, m.state, tasks, cfg.task, cfg.task.steps, learn_arch,
-                                            hold_tau=hold_tau, moments=m.moments)
+                                            hold_tau=hold_tau, moments=m.moments,
+                                            capture=None if cfg.task.cuda_graph else False)
     except NonFiniteLossError as e:
         return e
     return list(zip(tasks, adapted, stats, moments if m.moments is not None else [None] * len(tasks)))

@@ -73,9 +73,10 @@ def test_supernet_batched_adapt_equals_per_task(smoke_cfg, synthetic_splits):
 
 
 def test_supernet_official_options_batched(smoke_cfg, synthetic_splits):
-    """Adam (β1 = 0) from kept moments, pairwise β, α weight decay, linear τ; then the warm-up: α frozen, τ held."""
+    """Adam (β1 = 0) from kept moments, pairwise β, separate soft-pruning at 0.01, α weight decay, linear τ; then the
+    warm-up: α frozen, τ held."""
     official = {k: v for k, v in OFFICIAL.items() if k.startswith(("model.", "task."))}
-    cfg = smoke_cfg.override({**official, "model.prune_threshold": 0.0})
+    cfg = smoke_cfg.override(official)
     _compare(cfg, synthetic_splits)
     state, adapted = _compare(cfg, synthetic_splits, learn_arch=False, hold_tau=True)
     assert all(torch.equal(adapted[0]["alphas"][k], state["alphas"][k]) for k in state["alphas"])
@@ -93,6 +94,14 @@ def test_exactly_zero_mixture_weights_match(smoke_cfg, synthetic_splits):
         assert stats[i]["loss"] == pytest.approx(ref_stats["loss"], rel=1e-5)
 
 
+def test_soft_pruning_per_task_is_batched(smoke_cfg, synthetic_splits):
+    """Product soft-pruning with τ annealed to 0.05: per task different terms fall under the threshold (skipped by
+    adapt, computed at weight 0 batched), and the results agree."""
+    cfg = smoke_cfg.override({"model.prune_threshold": 0.02, "task.tau_alpha_end": 0.05, "task.tau_beta_end": 0.05,
+                              "task.batch_size": 4})
+    _compare(cfg, synthetic_splits)
+
+
 def test_non_finite_loss_of_one_task_is_refused(smoke_cfg, synthetic_splits):
     net, state, tasks = _setup(smoke_cfg, synthetic_splits, 2)
     bad = tasks[1].x_train.clone()
@@ -102,12 +111,11 @@ def test_non_finite_loss_of_one_task_is_refused(smoke_cfg, synthetic_splits):
 
 
 def test_what_is_not_batched_is_refused_naming_the_key(smoke_cfg):
-    for over in ({"model.prune_threshold": 0.01}, {"task.bf16": True},
-                 {"model.kind": "genotype", "model.genotype": "metanas_og_v2"}):
+    for over in ({"task.bf16": True}, {"model.kind": "genotype", "model.genotype": "metanas_og_v2"}):
         with pytest.raises(ConfigError, match=r"task\.batched"):
             smoke_cfg.override({"task.batched": True, **over})
-    cfg = smoke_cfg.override({"model.prune_threshold": 0.01})
-    with pytest.raises(ConfigError, match=r"model\.prune_threshold"):
+    cfg = smoke_cfg.override({"task.bf16": True})
+    with pytest.raises(ConfigError, match=r"task\.bf16"):
         check_batchable(build_network(cfg, 1), cfg.task)
 
 

@@ -21,7 +21,7 @@ from metanas_ray.run import in_process_device, main
 from metanas_ray.search_space import mixture
 from metanas_ray.state import build_network, init_state, place
 
-from conftest import SMOKE
+from conftest import OFFICIAL, SMOKE
 
 CUDA = torch.cuda.is_available()
 
@@ -185,3 +185,70 @@ def test_ray_train_gpu_worker_meta_trains_on_the_gpu(ray_session, tmp_path):
                  "--set", "run.meta_steps=4", "--set", "eval.test_tasks=4"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["device"] == "cuda" and summary["workers"] == 1 and summary["meta_steps"] == 4
+
+
+@gpu
+@pytest.mark.parametrize("over", [
+    {"model.prune_threshold": 0.02, "task.batch_size": 4, "task.batch_sampling": "random", "task.drop_path": 0.2,
+     "task.tau_alpha_end": 0.05, "task.tau_beta_end": 0.05},
+    {k: v for k, v in OFFICIAL.items() if k.startswith(("model.", "task."))},
+    {"model.kind": "conv4", "model.conv4_channels": 8, "task.batch_size": 3},
+], ids=["supernet-sgd-pruned", "supernet-official", "conv4"])
+def test_cuda_graph_replays_give_the_eager_steps(smoke_cfg, synthetic_splits, over):
+    """task.cuda_graph on a GPU: two tasks (the second replays the graphs the first captured) against eager adapt
+    on the same GPU, and the captures really happened (capture=True raises rather than falling back)."""
+    from metanas_ray import graphed
+    from metanas_ray.data import TaskSampler
+    from metanas_ray.inner_loop import Moments
+    cfg = smoke_cfg.override({**over, "model.channels_last": False})
+    net = build_network(cfg, synthetic_splits.channels)
+    state = place(net, init_state(cfg, net), "cuda")
+    sampler = TaskSampler(synthetic_splits.train, cfg.data.n_way, cfg.data.k_shot, cfg.data.n_query, 0, "train")
+    adam = cfg.task.optimizer == "adam"
+    for i in range(2):
+        task = sampler.sample(0, i).to("cuda")
+        start = Moments.zeros(state) if adam else None
+        ref_m, our_m = (start.copy(), start.copy()) if adam else (None, None)
+        ref, ref_stats = adapt(net, state, task.x_train, task.y_train, cfg.task, cfg.task.steps,
+                               drop_path=cfg.task.drop_path, generator=task.generator(), moments=ref_m)
+        ours, stats = graphed.adapt(net, state, task.x_train, task.y_train, cfg.task, cfg.task.steps,
+                                    drop_path=cfg.task.drop_path, generator=task.generator(), moments=our_m,
+                                    capture=True)
+        for part in ref:
+            for k in ref[part]:
+                scale = max(1.0, float(ref[part][k].abs().max()))
+                assert float((ours[part][k] - ref[part][k]).abs().max()) <= 1e-4 * scale, (part, k)
+        assert stats["loss"] == pytest.approx(ref_stats["loss"], rel=1e-4, abs=1e-4)
+        if adam:
+            assert our_m.t == ref_m.t
+    assert sum(len(r.graphs) for r in graphed._replays[net].values()) >= 1
+
+
+@gpu
+def test_cuda_graph_of_the_batched_steps_gives_the_per_task_steps(smoke_cfg, synthetic_splits):
+    """task.batched with task.cuda_graph: three tasks' vmapped steps replayed (twice: the second call replays the
+    graphs the first captured) against eager adapt per task, official options, on the same GPU."""
+    from metanas_ray.batched import adapt_tasks
+    from metanas_ray.data import TaskSampler
+    from metanas_ray.inner_loop import Moments
+    cfg = smoke_cfg.override({**{k: v for k, v in OFFICIAL.items() if k.startswith(("model.", "task."))},
+                              "model.channels_last": False})
+    net = build_network(cfg, synthetic_splits.channels)
+    state = place(net, init_state(cfg, net), "cuda")
+    sampler = TaskSampler(synthetic_splits.train, cfg.data.n_way, cfg.data.k_shot, cfg.data.n_query, 0, "train")
+    for t in range(2):
+        tasks = [sampler.sample(t, i).to("cuda") for i in range(3)]
+        adapted, stats, moments = adapt_tasks(
+            net, state, [k.x_train for k in tasks], [k.y_train for k in tasks], cfg.task, cfg.task.steps,
+            drop_path=cfg.task.drop_path, generators=[k.generator() for k in tasks], moments=Moments.zeros(state),
+            capture=True)
+        for i, task in enumerate(tasks):
+            own = Moments.zeros(state)
+            ref, ref_stats = adapt(net, state, task.x_train, task.y_train, cfg.task, cfg.task.steps,
+                                   drop_path=cfg.task.drop_path, generator=task.generator(), moments=own)
+            for part in ref:
+                for k in ref[part]:
+                    scale = max(1.0, float(ref[part][k].abs().max()))
+                    assert float((adapted[i][part][k] - ref[part][k]).abs().max()) <= 1e-4 * scale, (i, part, k)
+            assert stats[i]["loss"] == pytest.approx(ref_stats["loss"], rel=1e-4, abs=1e-4)
+            assert moments[i].t == own.t
