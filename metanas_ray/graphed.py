@@ -12,11 +12,13 @@ the same function and gradients as skipping them). A task's minibatch indices an
 from its generator, in ``adapt``'s order, and copied to the device once; its losses are checked once, after the last
 step (``inner_loop._check_losses``). So one captured step serves every step of every task with the same shapes.
 
-On a CUDA device the step is captured once per (minibatch shape, whether α adapts, drop-path) with
-:class:`torch.cuda.CUDAGraph` on parameters held in static buffers, into which each task's start values are copied;
-a step is then one replay. Elsewhere, or where capture fails, the run falls back to ``inner_loop.adapt`` with one log
-line. ``tests/test_graphed.py`` checks on the CPU that the step reads nothing back (it runs on the meta device, whose
-tensors hold no values) and gives ``adapt``'s results; ``tests/test_cuda.py`` checks the replay against eager on a GPU.
+On a CUDA device the step is captured once per (whether α adapts, input shapes) with :class:`torch.cuda.CUDAGraph`
+on parameters held in static buffers (:class:`Replays`), into which each task's start values are copied; a step is
+then one replay. On another device ``task.cuda_graph`` runs ``inner_loop.adapt`` (skipping pruned terms is faster on
+a CPU) and says so once in the log; where capture fails, the same host-sync-free steps run eagerly, said once too.
+Meta-training, meta-validation and meta-test use it, and ``batched`` captures its vmapped step of T tasks the same way.
+``tests/test_graphed.py`` checks on the CPU that the steps read nothing back (they run on the meta device, whose
+tensors hold no values) and give ``adapt``'s results; ``tests/test_cuda.py`` checks the replays against eager on a GPU.
 
 Supported: the supernet, Conv4 and found networks; SGD and Adam (moments reset or kept), clipping, both weight
 decays, both minibatch samplings, drop-path, every τ schedule, ``arch_steps`` and ``hold_tau``, bf16 autocast.

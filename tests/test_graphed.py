@@ -85,10 +85,13 @@ def test_graphed_steps_equal_adapt_in_the_official_meta_test_and_warm_up(smoke_c
     _compare(cfg, synthetic_splits, learn_arch=False, hold_tau=True)
 
 
-def test_graphed_steps_equal_adapt_for_conv4(smoke_cfg, synthetic_splits):
-    cfg = smoke_cfg.override({"model.kind": "conv4", "model.conv4_channels": 8, "task.batch_size": 3,
-                              "task.optimizer": "adam"})
-    _compare(cfg, synthetic_splits)
+@pytest.mark.parametrize("over", [
+    {"model.kind": "conv4", "model.conv4_channels": 8, "task.batch_size": 3, "task.optimizer": "adam"},
+    {"model.kind": "genotype", "model.genotype": "metanas_og_v2", "task.drop_path": 0.2, "task.batch_size": 4},
+    {"task.bf16": True, "model.prune_threshold": 0.02},
+], ids=["conv4", "found-network", "bf16"])
+def test_graphed_steps_equal_adapt_for_other_networks_and_bf16(smoke_cfg, synthetic_splits, over):
+    _compare(smoke_cfg.override(over), synthetic_splits, tol=1e-5 if "task.bf16" not in over else 1e-3)
 
 
 def _on_meta(state):
