@@ -135,26 +135,25 @@ def adapt_tasks(net: nn.Module, params: State, xs: list[torch.Tensor], ys: list[
         inputs.append((x_all[rows, idx], y_all[rows, idx], {k: torch.stack([q.drops[j][k] for q in plans])
                                                              for k in p.drops[j]}))
 
-    def stacked(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.detach().unsqueeze(0).expand(n_tasks, *v.shape).contiguous() for k, v in d.items()}
+    v0 = start.v if adam else {}
+
+    def stacked() -> tuple[dict, dict, dict]:  # (w, α, v) of the start, one copy per task on a leading dim
+        def grow(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: t.detach().unsqueeze(0).expand(n_tasks, *t.shape).contiguous() for k, t in d.items()}
+        return grow(params["weights"]), grow(params["alphas"]), {part: grow(d) for part, d in v0.items()}
 
     def make(arch: bool) -> graphed.Step:
         return _vmapped_step(net, cfg, arch and bool(params["alphas"]))
 
-    def build() -> graphed.Replays:
-        return graphed.Replays(make, stacked(params["weights"]), stacked(params["alphas"]),
-                               {part: stacked(d) for part, d in start.v.items()} if adam else {})
-
     with _vmappable(net):
         key = ("tasks", cfg, n_tasks, graphed.shapes(params))
-        replays = graphed.try_capture(net, capture, lambda: graphed.replays_for(net, key, build), p.arch, inputs)
+        replays = graphed.try_capture(net, capture, lambda: graphed.replays_for(
+            net, key, lambda: graphed.Replays(make, *stacked())), p.arch, inputs)
         if replays is not None:
-            replays.load(stacked(params["weights"]), stacked(params["alphas"]),
-                         {part: stacked(d) for part, d in start.v.items()} if adam else {})
+            replays.load(params["weights"], params["alphas"], v0)  # (copied into every task's row: broadcast)
             w, a, v = replays.w, replays.a, replays.v
         else:
-            w, a = stacked(params["weights"]), stacked(params["alphas"])
-            v = {part: stacked(d) for part, d in start.v.items()} if adam else {}
+            w, a, v = stacked()
         losses, accs = graphed.run_steps(make, w, a, v, inputs, p, replays)
     values = losses.t().tolist()  # [T, steps], read once
     for i in range(n_tasks):
