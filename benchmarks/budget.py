@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     results.update(earlier.get("results", {}))
     variants = [(n, c, s) for n, c, s in ((k, v["config"], v["set"]) for k, v in earlier.get("variants", {}).items())
                 if n not in {v[0] for v in variants}] + variants
+    args.earlier = earlier
     commands = earlier.get("commands", [earlier["command"]] if "command" in earlier else [])
     args.commands = commands + ["python -m benchmarks.budget " + " ".join(argv or sys.argv[1:])]
     args.all_budgets = sorted(set(earlier.get("budgets_seconds", [])) | set(args.budgets))
@@ -246,7 +247,10 @@ def crossover(results: dict, baseline: str = "conv4") -> dict:
 def write(results: dict, variants: list, args, argv: list[str] | None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"commands": args.commands,
+    kept = {k: v for k, v in args.earlier.items() if k not in (  # what a person added (notes): kept as it is
+        "commands", "command", "variants", "budgets_seconds", "test_tasks", "machine", "results",
+        "crossover_with_conv4")}
+    out.write_text(json.dumps({**kept, "commands": args.commands,
                                "variants": {n: {"config": c, "set": s} for n, c, s in variants},
                                "budgets_seconds": args.all_budgets, "test_tasks": args.test_tasks,
                                "machine": {"cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0]},

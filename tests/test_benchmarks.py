@@ -60,11 +60,13 @@ def test_budget_benchmark_keeps_a_checkpoint_per_budget_and_meta_tests_it(tmp_pa
     assert [p["meta_steps"] for p in planned] == [p["meta_steps"] for p in points]
     assert all(0 <= p["accuracy_soft"] <= 1 and p["tasks"] == 2 and p["seconds"] > 0 for p in planned)
     assert out.with_suffix(".png").stat().st_size > 0
-    # --append with a longer budget: one more run, to it alone; the earlier points stay, each naming its command
+    # --append with a longer budget: one more run, to it alone; the earlier points (and notes) stay, each point
+    # naming its command
+    out.write_text(json.dumps({**json.loads(out.read_text()), "notes": "by hand"}))
     more = subprocess.run([sys.executable, "-m", "benchmarks.budget", "--budgets", "4", "6", "--test-tasks", "2",
                            "--every", "2", "--in-process", "--variant", "smoke=tune_configs/smoke.yaml", "--append",
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert more.returncode == 0, more.stdout[-2000:] + more.stderr[-2000:]
     result = json.loads(out.read_text())
     assert [(p["budget_seconds"], p["command"]) for p in result["results"]["smoke"]] == [(2, 0), (4, 0), (6, 1)]
-    assert len(result["commands"]) == 2 and "--append" in result["commands"][1]
+    assert len(result["commands"]) == 2 and "--append" in result["commands"][1] and result["notes"] == "by hand"
