@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import inner_loop
 from .config import TaskLearnerConfig
-from .inner_loop import (_BETA2, _EPS, Moments, Temperature, _batch, _batches, _check_losses, _clip_, accuracy,
+from .inner_loop import (_BETA2, _EPS, Moments, Temperature, _batch, _batches, _check_losses, _clip_,
                          adapt as eager_adapt, forward)
 from .state import State
 
@@ -315,9 +316,5 @@ def run_task(net: nn.Module, params: State, task: "Task", cfg: TaskLearnerConfig
              learn_arch: bool = True, *, hold_tau: bool = False,
              moments: Moments | None = None) -> tuple[State, dict[str, float]]:
     """:func:`~.inner_loop.run_task` with the steps replayed (:func:`adapt`)."""
-    adapted, stats = adapt(net, params, task.x_train, task.y_train, cfg, steps, learn_arch, hold_tau=hold_tau,
-                           drop_path=cfg.drop_path, generator=task.generator(), moments=moments)
-    _, tau = Temperature.from_config(cfg).schedule_for(steps, None, hold_tau)
-    stats["query_accuracy"], stats["query_loss"] = accuracy(net, adapted, task.x_query, task.y_query, tau,
-                                                                bf16=cfg.bf16)
-    return adapted, stats
+    return inner_loop.run_task(net, params, task, cfg, steps, learn_arch, hold_tau=hold_tau, moments=moments,
+                               adapt_with=adapt)
