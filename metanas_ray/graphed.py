@@ -44,14 +44,10 @@ from .state import State
 if TYPE_CHECKING:
     from .data import Task
 
-log = logging.getLogger(__name__)
-_said: set[str] = set()
-
 
 def say_once(message: str) -> None:
-    if message not in _said:
-        _said.add(message)
-        log.info(message)
+    """Log ``message`` at INFO once per process (``inner_loop.log_once``)."""
+    inner_loop.log_once(message, message, logging.INFO, __name__)
 
 
 @contextmanager

@@ -281,11 +281,16 @@ def _check_losses(values: list[float], x: torch.Tensor, cfg: TaskLearnerConfig) 
 _warned: set[str] = set()
 
 
+def log_once(key: str, message: str, level: int = logging.WARNING, logger: str = __name__) -> None:
+    """Log ``message`` the first time ``key`` is seen in this process (a state that would repeat every task)."""
+    if key not in _warned:
+        _warned.add(key)
+        logging.getLogger(logger).log(level, message)
+
+
 def _warn_diverging(message: str) -> None:
     """Log a diverging task-learner once per process (it would repeat for every task)."""
-    if "diverging" not in _warned:
-        _warned.add("diverging")
-        logging.getLogger(__name__).warning(message)
+    log_once("diverging", message)
 
 
 def _adam_direction(moments: Moments, part: str, names: list[str], grads: list[torch.Tensor]) -> list[torch.Tensor]:

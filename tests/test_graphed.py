@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import OFFICIAL
-from metanas_ray import graphed
+from metanas_ray import graphed, inner_loop
 from metanas_ray.config import ConfigError
 from metanas_ray.data import TaskSampler
 from metanas_ray.inner_loop import Moments, adapt
@@ -149,7 +149,7 @@ def test_the_eager_forward_does_read_back_so_the_meta_check_can_fail(smoke_cfg, 
 
 def test_cuda_graph_without_a_gpu_runs_adapt_and_says_so_once(smoke_cfg, synthetic_splits, caplog):
     net, state, task = _setup(smoke_cfg, synthetic_splits)
-    graphed._said.clear()
+    inner_loop._warned.clear()
     with caplog.at_level(logging.INFO, logger="metanas_ray.graphed"):
         for _ in range(2):
             ours, _ = graphed.adapt(net, state, task.x_train, task.y_train, smoke_cfg.task, 2)
