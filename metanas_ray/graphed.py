@@ -303,8 +303,8 @@ def adapt(net: nn.Module, params: State, x: torch.Tensor, y: torch.Tensor, cfg: 
             for k, s in d.items():
                 moments.v[part][k].copy_(s)
         moments.t.update(p.t_end)
-    adapted = {"weights": {k: t.detach().clone() for k, t in w.items()},
-               "alphas": {k: t.detach().clone() for k, t in a.items()}}
+    own = (lambda t: t.detach().clone()) if replays is not None else (lambda t: t.detach())  # (eager: fresh already)
+    adapted = {"weights": {k: own(t) for k, t in w.items()}, "alphas": {k: own(t) for k, t in a.items()}}
     return adapted, {"loss": values[-1], "accuracy": float(acc)}
 
 
