@@ -35,6 +35,9 @@ behaviour and is kept. Threads: both get all cores (ours: Ray's default workers 
 uses the training script's τ 0.05 and pruning at 0.01, ours the meta-test values: only the meta-tests are strictly
 alike. Wall-clock: ours counts its whole process (Ray's start, the data), the official code ``train`` and
 ``evaluate``; the in-run ratio is recorded beside.
+
+A little past 400 lines: driving the official code (its config, patches and task adapter), the two runs beside it
+and their comparison belong in one file, read top to bottom.
 """
 from __future__ import annotations
 

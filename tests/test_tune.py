@@ -256,15 +256,20 @@ def test_bad_input_fails_with_one_line_before_any_trial(ray_session, tmp_path, c
     assert not (out / "tune").exists()  # no trial was started
 
 
-def test_trials_on_ray_train_workers_match_trials_in_process(ray_session, tmp_path):
-    runs = {}
-    for name, workers in (("process", 1), ("train", 2)):
-        path = _sweep_file(tmp_path, f"{name}.yaml", search={"task.lr_w": {"grid": [3.0]}}, scheduler="fifo",
-                           resources={"cpu": 1, "workers": workers}, max_concurrent=1)
-        assert main(["--config", str(path), "--output", str(tmp_path / name), "--verbose", "0"]) == 0
-        runs[name] = _rows(tmp_path / name)[0]
+def test_a_trial_on_ray_train_workers_matches_its_config_meta_trained_in_process(ray_session, tmp_path):
+    """A per-trial TorchTrainer (2 workers) reports what one process meta-training the trial's config finds:
+    meta-training does not depend on the number of workers (train_loop), so neither does the ranking."""
+    from metanas_ray.recording import RunRecorder
+    from metanas_ray.rundir import RunDir
+    from metanas_ray.sweep import exec_config, trial_config
+    from metanas_ray.train_loop import meta_train
+    path = _sweep_file(tmp_path, search={"task.lr_w": {"grid": [3.0]}}, scheduler="fifo",
+                       resources={"cpu": 1, "workers": 2}, max_concurrent=1)
+    assert main(["--config", str(path), "--output", str(tmp_path / "train"), "--verbose", "0"]) == 0
+    row = _rows(tmp_path / "train")[0]
     assert (tmp_path / "train" / "train").is_dir()  # the per-trial TorchTrainer runs
-    assert runs["train"]["meta_steps"] == runs["process"]["meta_steps"] == "6"
-    # meta-training does not depend on the number of workers (train_loop), so neither does the ranking
-    assert float(runs["train"]["best_val_accuracy"]) == pytest.approx(float(runs["process"]["best_val_accuracy"]),
-                                                                      abs=1e-4)
+    s = load_sweep(path)
+    cfg = exec_config(s, trial_config(s, sample_configs(s)[0]))
+    alone = meta_train(cfg, RunRecorder(RunDir(tmp_path / "alone").create(cfg), cfg), final_test=False)
+    assert row["meta_steps"] == "6" and cfg.run.meta_steps == 6
+    assert float(row["best_val_accuracy"]) == pytest.approx(alone["meta_val_accuracy_best"], abs=1e-4)
