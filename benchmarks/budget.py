@@ -247,14 +247,12 @@ def crossover(results: dict, baseline: str = "conv4") -> dict:
 def write(results: dict, variants: list, args, argv: list[str] | None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    kept = {k: v for k, v in args.earlier.items() if k not in (  # what a person added (notes): kept as it is
-        "commands", "command", "variants", "budgets_seconds", "test_tasks", "machine", "results",
-        "crossover_with_conv4")}
-    out.write_text(json.dumps({**kept, "commands": args.commands,
-                               "variants": {n: {"config": c, "set": s} for n, c, s in variants},
-                               "budgets_seconds": args.all_budgets, "test_tasks": args.test_tasks,
-                               "machine": {"cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0]},
-                               "results": results, "crossover_with_conv4": crossover(results)}, indent=2) + "\n")
+    data = {"commands": args.commands, "variants": {n: {"config": c, "set": s} for n, c, s in variants},
+            "budgets_seconds": args.all_budgets, "test_tasks": args.test_tasks,
+            "machine": {"cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0]},
+            "results": results, "crossover_with_conv4": crossover(results)}
+    kept = {k: v for k, v in args.earlier.items() if k not in data and k != "command"}  # a person's notes, as they are
+    out.write_text(json.dumps({**kept, **data}, indent=2) + "\n")
     plot(results, out.with_suffix(".png"))
 
 

@@ -327,8 +327,9 @@ def run_task(net: nn.Module, params: State, task: "Task", cfg: TaskLearnerConfig
              adapt_with=None) -> tuple[State, dict[str, float]]:
     """A meta-training task: adapt on its training data (with ``task.drop_path``, from its own generator) and
     measure the adapted model on its query data. ``adapt_with``: another :func:`adapt` (``graphed.adapt``)."""
-    adapted, stats = (adapt_with or adapt)(net, params, task.x_train, task.y_train, cfg, steps, learn_arch, hold_tau=hold_tau,
-                           drop_path=cfg.drop_path, generator=task.generator(), moments=moments)
+    adapted, stats = (adapt_with or adapt)(net, params, task.x_train, task.y_train, cfg, steps, learn_arch,
+                                           hold_tau=hold_tau, drop_path=cfg.drop_path, generator=task.generator(),
+                                           moments=moments)
     _, tau = Temperature.from_config(cfg).schedule_for(steps, None, hold_tau)
     stats["query_accuracy"], stats["query_loss"] = accuracy(net, adapted, task.x_query, task.y_query, tau,
                                                                 bf16=cfg.bf16)
