@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,14 @@ def ray_session():
              logging_level="WARNING")  # "local": never a `ray start` head that a test left running
     yield ray
     ray.shutdown()
+
+
+def ray_cli() -> str:
+    """The ``ray`` command of this interpreter's Ray: beside it, or (a venv over system site-packages, where pip
+    put no script in the venv) the one on PATH."""
+    import shutil
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.exists() else (shutil.which("ray") or str(beside))
 
 
 def free_port() -> int:

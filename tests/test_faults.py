@@ -18,7 +18,7 @@ from metanas_ray import checkpoint
 from metanas_ray.config import ConfigError, RESUMABLE, load
 from metanas_ray.run import main
 
-from conftest import ROOT, SMOKE, free_port, kill_processes_mentioning
+from conftest import ROOT, SMOKE, free_port, kill_processes_mentioning, ray_cli
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -280,7 +280,7 @@ SIGNAL_RUN = ["--set", "run.meta_steps=30", "--set", "run.log_every=5", "--set",
 def local_head():
     """A head started as the README starts one for ``ray job submit`` (it records its address for `ray start`'s
     default discovery), with every port its own, so that the test session's Ray cannot collide with it."""
-    ray = str(Path(sys.executable).with_name("ray"))
+    ray = ray_cli()
     gcs, dash, agent, agent_grpc, metrics, runtime_env, client = (free_port() for _ in range(7))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")

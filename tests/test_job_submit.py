@@ -2,20 +2,19 @@
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port, kill_processes_mentioning
+from conftest import free_port, kill_processes_mentioning, ray_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 def test_ray_job_submit_runs_a_tiny_run(tmp_path):
-    ray = str(Path(sys.executable).with_name("ray"))
+    ray = ray_cli()
     temp_dir = f"/tmp/metanas_job_{os.getpid()}_{int(time.time())}"  # short: Ray's socket paths have a limit
     gcs, dash, agent, agent_grpc, metrics, runtime_env, client = (free_port() for _ in range(7))
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
